@@ -1,0 +1,305 @@
+"""The activation-mixing math shared by every feed-forward variant, as pure functions over explicit tensors.
+
+Every FFN of this package computes ``h = u ⊙ m(g)`` (gated) or ``h = m(g)`` (plain), with
+``m(g) = Σ_k c_k · φ_k(g)`` over a small dictionary of activations φ_k. The mixers (modeling_polyglu.py) only
+produce the coefficients, in a factorised form that never needs a ``[B, T, d_ff, K]`` tensor:
+
+* ``static_logits``: broadcastable to ``[S, 1, F, K]`` with S ∈ {1, B} — per layer, per neuron, or per
+  sequence and neuron (PolyGLU's α plus one Gumbel draw per sequence, neuron and activation);
+* ``token_logits``: ``[B, T, 1, K]`` — per token (PolyGLU's β·f(pooled x), MoA's W_g x + b, ...).
+
+``normalization="softmax"`` mixes with ``softmax_k((static_k + token_k) / τ)`` (optionally hard: the argmax
+one-hot, straight-through in training); ``normalization="linear"`` mixes with ``c_k = static_k + token_k``
+directly (learnable activations, Dynamic GEGLU's gate); with neither tensor the single activation is applied.
+
+Two implementations with one signature:
+
+* :func:`mix_activations` (default): an ``autograd.Function`` that saves only g, u and the small coefficient
+  tensors and recomputes the activations and weights in backward, looping over K in ``[B, T, F]`` slices;
+* :func:`mix_activations_naive`: stacks everything into ``[B, T, F, K]`` and lets autograd differentiate — the
+  readable oracle the tests compare the default path against, selectable with ``mixing_backend="naive"``.
+
+This file is part of the remote code saved next to a checkpoint: it imports only torch.
+"""
+
+import math
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+class Activation(NamedTuple):
+    """An activation and its derivative, both elementwise."""
+
+    function: Callable[[torch.Tensor], torch.Tensor]
+    derivative: Callable[[torch.Tensor], torch.Tensor]
+
+
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_TANH_COEF = 0.044715
+
+
+def _relu_derivative(x):
+    return (x > 0).to(x.dtype)
+
+
+def _tanh_derivative(x):
+    t = torch.tanh(x)
+    return 1.0 - t * t
+
+
+def _silu_derivative(x):
+    s = torch.sigmoid(x)
+    return s * (1.0 + x * (1.0 - s))
+
+
+def _gelu_erf_derivative(x):
+    cdf = 0.5 * (1.0 + torch.erf(x * _SQRT_HALF))
+    pdf = torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    return cdf + x * pdf
+
+
+def _gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+def _gelu_tanh_derivative(x):
+    inner = _SQRT_2_OVER_PI * (x + _GELU_TANH_COEF * x * x * x)
+    t = torch.tanh(inner)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_COEF * x * x)
+
+
+def _sigmoid_derivative(x):
+    s = torch.sigmoid(x)
+    return s * (1.0 - s)
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "relu": Activation(torch.relu, _relu_derivative),
+    "tanh": Activation(torch.tanh, _tanh_derivative),
+    "silu": Activation(F.silu, _silu_derivative),
+    "gelu": Activation(F.gelu, _gelu_erf_derivative),  # exact erf form, as PolyGLU's reference uses
+    "gelu_tanh": Activation(_gelu_tanh, _gelu_tanh_derivative),
+    "sigmoid": Activation(torch.sigmoid, _sigmoid_derivative),
+    "identity": Activation(lambda x: x, torch.ones_like),
+}
+
+
+def _check_inputs(gate, activations, static_logits, token_logits, normalization):
+    unknown = [name for name in activations if name not in ACTIVATIONS]
+    if unknown:
+        raise ValueError(f"Unknown activation(s) {unknown}; choose from {sorted(ACTIVATIONS)}.")
+    if normalization not in ("softmax", "linear"):
+        raise ValueError(f"normalization must be 'softmax' or 'linear', got {normalization!r}.")
+    if gate.dim() != 3:
+        raise ValueError(f"gate must be [batch, seq, d_ff], got shape {tuple(gate.shape)}.")
+    for name, logits in (("static_logits", static_logits), ("token_logits", token_logits)):
+        if logits is not None and (logits.dim() != 4 or logits.shape[-1] != len(activations)):
+            raise ValueError(
+                f"{name} must be 4-D with last dimension K={len(activations)} (one per activation), "
+                f"got shape {tuple(logits.shape)}."
+            )
+    if static_logits is None and token_logits is None and len(activations) != 1:
+        raise ValueError("Mixing several activations needs static_logits and/or token_logits.")
+
+
+def _logits_slice(static_logits, token_logits, k):
+    """The (unscaled) logit or coefficient of activation k, broadcastable to [B, T, F] (or None if fixed)."""
+    parts = [t[..., k] for t in (static_logits, token_logits) if t is not None]
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+
+def _softmax_weights(static_logits, token_logits, num_activations, tau, hard):
+    """Per-activation weights as a list of K tensors broadcast to [B, T, F], exactly normalised per element.
+
+    Returns (weights_used_in_forward, soft_weights): equal unless ``hard``, where the first are one-hot.
+    """
+    scaled = [_logits_slice(static_logits, token_logits, k) / tau for k in range(num_activations)]
+    running_max = scaled[0]
+    for z in scaled[1:]:
+        running_max = torch.maximum(running_max, z)
+    exps = [torch.exp(z - running_max) for z in scaled]
+    total = exps[0]
+    for e in exps[1:]:
+        total = total + e
+    soft = [e / total for e in exps]
+    if not hard:
+        return soft, soft
+    # argmax with ties going to the lowest index, as torch.argmax does
+    choice = torch.zeros_like(running_max, dtype=torch.long)
+    for k in range(num_activations - 1, -1, -1):
+        choice = torch.where(scaled[k] == running_max, k, choice)
+    one_hot = [(choice == k).to(running_max.dtype) for k in range(num_activations)]
+    return one_hot, soft
+
+
+def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum a [B, T, F] gradient over the dimensions that ``like`` ([*, *, *]) broadcasts."""
+    dims = [d for d in range(grad.dim()) if like.shape[d] == 1 and grad.shape[d] != 1]
+    return grad.sum(dim=dims, keepdim=True) if dims else grad
+
+
+def _mix_forward(gate, static_logits, token_logits, activations, tau, normalization, hard):
+    fns = [ACTIVATIONS[name].function for name in activations]
+    if static_logits is None and token_logits is None:
+        return fns[0](gate)
+    if normalization == "linear":
+        weights = [_logits_slice(static_logits, token_logits, k) for k in range(len(fns))]
+    else:
+        weights, _ = _softmax_weights(static_logits, token_logits, len(fns), tau, hard)
+    mixed = None
+    for k, fn in enumerate(fns):
+        if hard and normalization == "softmax":
+            # exact zeros keep inf/nan of an unchosen activation out of the result
+            term = torch.where(weights[k] > 0, fn(gate), torch.zeros((), dtype=gate.dtype, device=gate.device))
+        else:
+            term = weights[k] * fn(gate)
+        mixed = term if mixed is None else mixed + term
+    return mixed
+
+
+class _MixActivationsFunction(torch.autograd.Function):
+    """h = u ⊙ Σ_k c_k φ_k(g); saves g, u and the coefficient tensors only, recomputes the rest in backward."""
+
+    @staticmethod
+    def forward(ctx, gate, up, static_logits, token_logits, activations, tau, normalization, hard):
+        mixed = _mix_forward(gate, static_logits, token_logits, activations, tau, normalization, hard).to(gate.dtype)
+        ctx.save_for_backward(gate, up, static_logits, token_logits)
+        ctx.config = (activations, tau, normalization, hard)
+        return mixed if up is None else mixed * up
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up, static_logits, token_logits = ctx.saved_tensors
+        activations, tau, normalization, hard = ctx.config
+        pairs = [ACTIVATIONS[name] for name in activations]
+        num = len(pairs)
+        grad_mixed = grad_out if up is None else grad_out * up
+        grad_up = None
+        fixed = static_logits is None and token_logits is None
+
+        if fixed:
+            weights = soft = [None]
+        elif normalization == "linear":
+            weights = soft = [_logits_slice(static_logits, token_logits, k) for k in range(num)]
+        else:
+            weights, soft = _softmax_weights(static_logits, token_logits, num, tau, hard)
+
+        values = [pair.function(gate) for pair in pairs]
+        slope = None
+        mixed = None
+        for k, pair in enumerate(pairs):
+            w = weights[k]
+            term_slope = pair.derivative(gate) if w is None else w * pair.derivative(gate)
+            slope = term_slope if slope is None else slope + term_slope
+            if ctx.needs_input_grad[1]:
+                term = values[k] if w is None else w * values[k]
+                mixed = term if mixed is None else mixed + term
+        grad_gate = (grad_mixed * slope).to(gate.dtype) if ctx.needs_input_grad[0] else None
+        if up is not None and ctx.needs_input_grad[1]:
+            grad_up = (grad_out * mixed.to(gate.dtype)).to(up.dtype)
+
+        grad_static = grad_token = None
+        if not fixed and (ctx.needs_input_grad[2] or ctx.needs_input_grad[3]):
+            if normalization == "linear":
+                grad_coef = [grad_mixed * values[k] for k in range(num)]
+            else:
+                # d/dz_k of Σ_j softmax_j(z) φ_j = w_k (φ_k - Σ_j w_j φ_j); straight-through uses the soft weights
+                soft_mixed = soft[0] * values[0]
+                for k in range(1, num):
+                    soft_mixed = soft_mixed + soft[k] * values[k]
+                grad_coef = [grad_mixed * soft[k] * (values[k] - soft_mixed) / tau for k in range(num)]
+            if static_logits is not None and ctx.needs_input_grad[2]:
+                like = static_logits[..., 0]
+                grad_static = torch.stack([_reduce_to(g, like) for g in grad_coef], dim=-1).to(static_logits.dtype)
+                grad_static = grad_static.sum_to_size(static_logits.shape)
+            if token_logits is not None and ctx.needs_input_grad[3]:
+                like = token_logits[..., 0]
+                grad_token = torch.stack([_reduce_to(g, like) for g in grad_coef], dim=-1).to(token_logits.dtype)
+                grad_token = grad_token.sum_to_size(token_logits.shape)
+        return grad_gate, grad_up, grad_static, grad_token, None, None, None, None
+
+
+def mix_activations(
+    gate: torch.Tensor,
+    up: Optional[torch.Tensor],
+    activations: tuple[str, ...],
+    static_logits: Optional[torch.Tensor] = None,
+    token_logits: Optional[torch.Tensor] = None,
+    tau: float = 1.0,
+    normalization: str = "softmax",
+    hard: bool = False,
+) -> torch.Tensor:
+    """``u ⊙ Σ_k c_k φ_k(g)`` (or without ``u``), recomputing the activations in backward.
+
+    Args:
+        gate: ``[B, T, F]`` pre-activations g.
+        up: ``[B, T, F]`` values u, or None for a non-gated (type I) FFN.
+        activations: names from :data:`ACTIVATIONS`, one per mixing coefficient.
+        static_logits: ``[S, 1, F or 1, K]`` (S ∈ {1, B}) or None.
+        token_logits: ``[B, T, 1, K]`` or None.
+        tau: softmax temperature (softmax normalisation only).
+        normalization: ``"softmax"`` or ``"linear"``.
+        hard: one-hot argmax weights in forward (softmax only); gradients of the soft weights (straight-through).
+    """
+    activations = tuple(activations)
+    _check_inputs(gate, activations, static_logits, token_logits, normalization)
+    return _MixActivationsFunction.apply(
+        gate, up, static_logits, token_logits, activations, float(tau), normalization, bool(hard)
+    )
+
+
+def mix_activations_naive(
+    gate: torch.Tensor,
+    up: Optional[torch.Tensor],
+    activations: tuple[str, ...],
+    static_logits: Optional[torch.Tensor] = None,
+    token_logits: Optional[torch.Tensor] = None,
+    tau: float = 1.0,
+    normalization: str = "softmax",
+    hard: bool = False,
+) -> torch.Tensor:
+    """The same result as :func:`mix_activations`, written the obvious way over a ``[B, T, F, K]`` stack."""
+    activations = tuple(activations)
+    _check_inputs(gate, activations, static_logits, token_logits, normalization)
+    if static_logits is None and token_logits is None:
+        mixed = ACTIVATIONS[activations[0]].function(gate)
+    else:
+        stacked = torch.stack([ACTIVATIONS[name].function(gate) for name in activations], dim=-1)
+        logits = sum(t for t in (static_logits, token_logits) if t is not None)
+        if normalization == "linear":
+            weights = logits
+        else:
+            weights = torch.softmax(logits / tau, dim=-1)
+            if hard:
+                one_hot = F.one_hot(weights.argmax(dim=-1), len(activations)).to(weights.dtype)
+                weights = one_hot + weights - weights.detach()
+        mixed = (weights * stacked).sum(dim=-1).to(gate.dtype)
+    return mixed if up is None else mixed * up
+
+
+def mixing_weights(
+    static_logits: Optional[torch.Tensor],
+    token_logits: Optional[torch.Tensor],
+    tau: float = 1.0,
+    normalization: str = "softmax",
+    hard: bool = False,
+) -> Optional[torch.Tensor]:
+    """The mixing coefficients that are applied, materialised with every broadcast dimension (for inspection).
+
+    Shape: the broadcast of the inputs, e.g. ``[B, T, F, K]`` for PolyGLU, ``[B, T, 1, K]`` for token routers.
+    """
+    if static_logits is None and token_logits is None:
+        return None
+    logits = sum(t for t in (static_logits, token_logits) if t is not None)
+    if normalization == "linear":
+        return logits
+    weights = torch.softmax(logits / tau, dim=-1)
+    if hard:
+        weights = F.one_hot(weights.argmax(dim=-1), weights.shape[-1]).to(weights.dtype)
+    return weights

@@ -1,0 +1,206 @@
+"""PolyGLUConfig: a Qwen3 configuration plus the choice and settings of the feed-forward mixer.
+
+This file is part of the remote code saved next to a checkpoint: it imports only transformers.
+"""
+
+from typing import Optional
+
+from transformers import PreTrainedConfig
+
+FIXED_FFN_ACTIVATIONS = {
+    # gated ("GLU variants", Shazeer 2020): down(φ(gate x) ⊙ up x)
+    "swiglu": "silu",
+    "geglu": "gelu",
+    "reglu": "relu",
+    "glu": "sigmoid",
+    "bilinear": "identity",
+    # non-gated baselines: down(φ(up x))
+    "mlp_relu": "relu",
+    "mlp_gelu": "gelu",
+}
+MIXING_FFN_TYPES = ("dualglu", "dynamic_geglu", "polyglu", "moa", "la")
+FFN_TYPES = tuple(FIXED_FFN_ACTIVATIONS) + MIXING_FFN_TYPES
+# mixers whose coefficients are a softmax over a router's logits (τ, hard routing and logit bias apply)
+SOFTMAX_ROUTED_FFN_TYPES = ("polyglu", "moa", "dualglu")
+
+ACTIVATION_NAMES = ("relu", "tanh", "silu", "gelu", "gelu_tanh", "sigmoid", "identity")
+DEFAULT_ACTIVATIONS = ("relu", "tanh", "silu", "gelu")  # the PolyGLU reference's order
+DUALGLU_ACTIVATIONS = ("silu", "gelu")
+ROUTING_POOLINGS = ("causal", "sequence", "token")
+ROUTING_NOISES = ("gumbel", "none")
+DUALGLU_MIXINGS = ("dynamic", "learned_static", "static_equal")
+MIXER_FORMS = ("gated", "plain")
+MIXING_BACKENDS = ("fused", "naive")
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, allowed))}.")
+
+
+class PolyGLUConfig(PreTrainedConfig):
+    r"""Configuration of a Qwen3-style decoder whose feed-forward layers mix activations.
+
+    Every Qwen3Config argument keeps its meaning (vocab_size, hidden_size, intermediate_size, num_hidden_layers,
+    num_attention_heads, num_key_value_heads, head_dim, rms_norm_eps, rope_parameters, max_position_embeddings,
+    tie_word_embeddings, attention_bias, attention_dropout, initializer_range, pad/bos/eos token ids, use_cache).
+
+    Feed-forward choice:
+        ffn_type (`str`, defaults to `"polyglu"`): one of swiglu, geglu, reglu, glu, bilinear (gated, one fixed
+            activation), mlp_relu, mlp_gelu (non-gated), dualglu, dynamic_geglu, polyglu, moa, la.
+        ffn_types (`list[str]`, *optional*): one entry per layer, overriding `ffn_type` (like `layer_types`), e.g.
+            to retrofit only the top layers.
+        activations (`list[str]`, *optional*): the activation dictionary of polyglu, moa and la (default relu, tanh,
+            silu, gelu — "gelu" is the exact erf form; also gelu_tanh, sigmoid, identity). DualGLU always mixes
+            silu and gelu; the fixed variants use their own activation.
+        mixer_form (`str`, defaults to `"gated"`): moa and la only — "gated" (type II, `down(m(gate x) ⊙ up x)`)
+            or "plain" (type I, `down(m(up x))`, no gate_proj).
+
+    Routing (which mixers each option applies to):
+        routing_tau (`float`, defaults to 1.0): softmax temperature of polyglu, moa and dualglu routers; the τ
+            used at inference and saved with the model. Change it with `model.set_routing_tau(tau)`.
+        routing_hard (`bool`, defaults to False): polyglu, moa, dualglu — one-hot argmax routing (straight-through
+            gradients of the soft weights in training).
+        routing_noise (`str`, defaults to `"gumbel"`): polyglu only — "gumbel" adds Gumbel noise to the logits in
+            training mode, one draw per sequence, neuron and activation shared over the tokens (as the reference);
+            "none" disables it. Eval mode is always noise-free.
+        routing_pooling (`str`, defaults to `"causal"`): polyglu only — what its router sees:
+            "causal": the mean of the router inputs of tokens ≤ t of the same document, padding excluded (the
+            running sum lives in the KV cache, so cached generation is exact);
+            "sequence": the mean over the whole document — the reference PolyChromaticLM semantics, NOT causal (a
+            token's routing depends on later tokens); such models set `use_cache=False` and generate by recomputing;
+            "token": the token's own input.
+            moa and dualglu("dynamic") route every token on its own input; dynamic_geglu gates on its own token.
+        router_hidden_size (`int`, defaults to 32): width of the polyglu router MLP f = Linear(d→w)→ReLU→Linear(w→K).
+        dualglu_mixing (`str`, defaults to `"dynamic"`): "dynamic" (softmax(W x + b) per token), "learned_static"
+            (one learned softmax per layer) or "static_equal" (fixed ½, ½).
+        dynamic_geglu_scale_init / dynamic_geglu_bias_init (`float`, defaults 0.1 / 0.0): s and b of
+            `sigmoid(s·‖LayerNorm(x)‖ + b)`.
+        router_init_activation (`str`, *optional*): start the softmax routers preferring this activation for every
+            input (their logit bias: α for polyglu, the router bias for moa/dualglu) and la with this one-hot
+            combination; None (default) starts unbiased (la: uniform 1/K).
+        router_init_strength (`float`, defaults to 8.0): size of that logit preference.
+
+    Implementation:
+        mixing_backend (`str`, defaults to `"fused"`): "fused" (recomputes activations in backward, never stores a
+            [B, T, d_ff, K] tensor) or "naive" (plain autograd over stacked activations, for debugging).
+    """
+
+    model_type = "polyglu"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+
+    vocab_size: int = 151936
+    hidden_size: int = 1024
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: Optional[int] = 8
+    head_dim: Optional[int] = 128
+    max_position_embeddings: int = 40960
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    tie_word_embeddings: bool = True
+    rope_parameters: Optional[dict] = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    layer_types: Optional[list] = None
+    pad_token_id: Optional[int] = None
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+
+    ffn_type: str = "polyglu"
+    ffn_types: Optional[list] = None
+    activations: Optional[list] = None
+    mixer_form: str = "gated"
+    routing_tau: float = 1.0
+    routing_hard: bool = False
+    routing_noise: str = "gumbel"
+    routing_pooling: str = "causal"
+    router_hidden_size: int = 32
+    dualglu_mixing: str = "dynamic"
+    dynamic_geglu_scale_init: float = 0.1
+    dynamic_geglu_bias_init: float = 0.0
+    router_init_activation: Optional[str] = None
+    router_init_strength: float = 8.0
+    mixing_backend: str = "fused"
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.rope_parameters is None and "rope_theta" not in kwargs and "rope_scaling" not in kwargs:
+            self.rope_parameters = {"rope_type": "default", "rope_theta": 1000000.0}
+        if self.layer_types is None:
+            self.layer_types = ["full_attention"] * self.num_hidden_layers
+        if self.activations is None:
+            self.activations = list(DEFAULT_ACTIVATIONS)
+        self.activations = list(self.activations)
+        if self.ffn_types is not None:
+            self.ffn_types = list(self.ffn_types)
+        self._validate_polyglu_fields()
+        if self.uses_noncausal_routing:
+            # whole-sequence pooling changes every earlier token's routing when a token is appended
+            self.use_cache = False
+        super().__post_init__(**kwargs)
+
+    def _validate_polyglu_fields(self):
+        _choice("ffn_type", self.ffn_type, FFN_TYPES)
+        if self.ffn_types is not None:
+            if len(self.ffn_types) != self.num_hidden_layers:
+                raise ValueError(
+                    f"ffn_types has {len(self.ffn_types)} entries but num_hidden_layers={self.num_hidden_layers}; "
+                    "give one ffn_type per layer."
+                )
+            for layer_ffn in self.ffn_types:
+                _choice("ffn_types entry", layer_ffn, FFN_TYPES)
+        if not self.activations:
+            raise ValueError("activations must name at least one activation.")
+        for name in self.activations:
+            _choice("activations entry", name, ACTIVATION_NAMES)
+        _choice("mixer_form", self.mixer_form, MIXER_FORMS)
+        _choice("routing_pooling", self.routing_pooling, ROUTING_POOLINGS)
+        _choice("routing_noise", self.routing_noise, ROUTING_NOISES)
+        _choice("dualglu_mixing", self.dualglu_mixing, DUALGLU_MIXINGS)
+        _choice("mixing_backend", self.mixing_backend, MIXING_BACKENDS)
+        if self.router_init_activation is not None:
+            _choice("router_init_activation", self.router_init_activation, ACTIVATION_NAMES)
+        if not self.routing_tau > 0:
+            raise ValueError(f"routing_tau must be > 0, got {self.routing_tau}.")
+        if self.router_hidden_size < 1:
+            raise ValueError(f"router_hidden_size must be >= 1, got {self.router_hidden_size}.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_key_value_heads})."
+            )
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers={self.num_hidden_layers}."
+            )
+        if any(layer_type != "full_attention" for layer_type in self.layer_types):
+            raise ValueError("Only 'full_attention' layers are supported (no sliding-window attention).")
+
+    def ffn_type_of_layer(self, layer_idx: int) -> str:
+        """The feed-forward variant of layer `layer_idx` (`ffn_types` entry, else `ffn_type`)."""
+        return self.ffn_types[layer_idx] if self.ffn_types is not None else self.ffn_type
+
+    @property
+    def uses_noncausal_routing(self) -> bool:
+        """True when some polyglu layer pools over the whole sequence (cached generation is impossible)."""
+        return self.routing_pooling == "sequence" and any(
+            self.ffn_type_of_layer(i) == "polyglu" for i in range(self.num_hidden_layers)
+        )
+
+
+__all__ = ["PolyGLUConfig", "FFN_TYPES"]

@@ -1,0 +1,935 @@
+"""PolyGLU models: a self-contained Qwen3 decoder whose feed-forward layers mix activations.
+
+The backbone (GQA attention with QK-norm, rotate-half RoPE, RMSNorm, tied or untied head) reproduces
+transformers' Qwen3 with the same parameter names, so a Qwen3 state dict loads unchanged into a model with
+`ffn_type="swiglu"` and gives the same logits. Each layer's `mlp` owns `gate_proj`/`up_proj`/`down_proj` and,
+for the routed variants, one `router` submodule holding every routing parameter of the layer; the mixing math
+lives in activation_mixing.py.
+
+PolyGLU's causal routing pools the router input over the tokens seen so far of the current document; the running
+sum lives in :class:`PolyGLUCache` so cached generation equals recomputation.
+
+This file is part of the remote code saved next to a checkpoint: it imports only torch, transformers and its
+sibling files, and uses only public transformers surfaces.
+"""
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import logging
+
+from .activation_mixing import mix_activations, mix_activations_naive, mixing_weights
+from .configuration_polyglu import DUALGLU_ACTIVATIONS, FIXED_FFN_ACTIVATIONS, PolyGLUConfig
+
+logger = logging.get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backbone (Qwen3 math)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PolyGLURMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back before the gain, as Qwen3 does."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class PolyGLURotaryEmbedding(nn.Module):
+    """cos/sin tables for rotate-half RoPE at arbitrary positions (any rope_type transformers knows)."""
+
+    def __init__(self, config: PolyGLUConfig):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        rope_init_fn = (
+            self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        )
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: PolyGLUConfig, device=None, seq_len=None, **kwargs):
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
+    """Rotate q, k ([B, H, T, d]) by the cos/sin tables ([B, T, d])."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, H_kv, T, d] -> [B, H_kv * n_rep, T, d]; query head h reads kv head h // n_rep."""
+    batch, num_kv_heads, seq_len, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_kv_heads, n_rep, seq_len, head_dim)
+    return hidden_states.reshape(batch, num_kv_heads * n_rep, seq_len, head_dim)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask[:, :, :, : key_states.shape[-2]]
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class PolyGLUAttention(nn.Module):
+    """Grouped-query attention with per-head RMSNorm on queries and keys before RoPE (Qwen3)."""
+
+    def __init__(self, config: PolyGLUConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_norm = PolyGLURMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = PolyGLURMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+        key_states = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        implementation = self.config._attn_implementation or "eager"
+        attention_interface: Callable = (
+            eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Routing context and pooling (pure functions)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RoutingContext:
+    """What a router may need besides the hidden states of the current chunk.
+
+    token_mask: [B, T] float, 1 for real tokens and 0 for padding (None: no padding).
+    document_starts: [B, T] bool, True where a packed document begins (None: one document per row).
+    """
+
+    token_mask: Optional[torch.Tensor] = None
+    document_starts: Optional[torch.Tensor] = None
+
+
+def document_starts_from_position_ids(position_ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """[B, T] bool, True where position ids do not step by +1 (transformers' packed-sequence rule); None if none."""
+    previous = torch.cat([position_ids[:, :1] - 1, position_ids[:, :-1]], dim=-1)
+    starts = (position_ids - previous) != 1
+    return starts if bool(starts.any()) else None
+
+
+def _segment_ids(document_starts: torch.Tensor) -> torch.Tensor:
+    """[B, T] long: index of the document each token belongs to, counted from 0 in every row."""
+    return document_starts.long().cumsum(dim=-1) - document_starts[:, :1].long()
+
+
+def causal_document_mean(
+    values: torch.Tensor,
+    token_mask: Optional[torch.Tensor] = None,
+    document_starts: Optional[torch.Tensor] = None,
+    past_sum: Optional[torch.Tensor] = None,
+    past_count: Optional[torch.Tensor] = None,
+):
+    """Mean of `values` ([B, T, D]) over the real tokens ≤ t of t's document.
+
+    `past_sum` [B, D] / `past_count` [B, 1] continue a document from a previous chunk (cached decoding; not
+    combined with `document_starts`). A position with no real token so far gets 0.
+    Returns (means [B, T, D], running_sum [B, D], running_count [B, 1]) — the latter for the cache.
+    """
+    weights = torch.ones(values.shape[:2], dtype=values.dtype, device=values.device) if token_mask is None else token_mask.to(values.dtype)
+    weighted = values * weights.unsqueeze(-1)
+    if document_starts is None:
+        sums = weighted.cumsum(dim=1)
+        counts = weights.cumsum(dim=1).unsqueeze(-1)
+        if past_sum is not None:
+            sums = sums + past_sum.unsqueeze(1)
+            counts = counts + past_count.unsqueeze(1)
+        means = sums / counts.clamp(min=1.0)
+        return means, sums[:, -1], counts[:, -1]
+    # Packed rows: subtract the running total at each document's start. Done in float64 where available so that
+    # a late document's mean is as exact as if it sat in a row of its own.
+    exact = torch.float32 if values.device.type == "mps" else torch.float64
+    sums = weighted.to(exact).cumsum(dim=1)
+    counts = weights.to(exact).cumsum(dim=1)
+    batch, length = document_starts.shape
+    positions = torch.arange(length, device=values.device).expand(batch, length)
+    start_index = torch.where(document_starts, positions, torch.zeros_like(positions)).cummax(dim=1).values
+    before = (start_index - 1).clamp(min=0)
+    has_before = (start_index > 0).to(exact)
+    base_sum = sums.gather(1, before.unsqueeze(-1).expand_as(sums)) * has_before.unsqueeze(-1)
+    base_count = counts.gather(1, before) * has_before
+    doc_sums = sums - base_sum
+    doc_counts = (counts - base_count).unsqueeze(-1)
+    means = (doc_sums / doc_counts.clamp(min=1.0)).to(values.dtype)
+    return means, doc_sums[:, -1].to(values.dtype), doc_counts[:, -1].to(values.dtype)
+
+
+def document_mean(
+    values: torch.Tensor,
+    token_mask: Optional[torch.Tensor] = None,
+    document_starts: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Mean of `values` ([B, T, D]) over all real tokens of t's document (non-causal), broadcast to [B, T, D]."""
+    weights = torch.ones(values.shape[:2], dtype=values.dtype, device=values.device) if token_mask is None else token_mask.to(values.dtype)
+    weighted = values * weights.unsqueeze(-1)
+    if document_starts is None:
+        totals = weighted.sum(dim=1, keepdim=True)
+        counts = weights.sum(dim=1, keepdim=True).unsqueeze(-1)
+        return (totals / counts.clamp(min=1.0)).expand_as(values)
+    segments = _segment_ids(document_starts)
+    num_segments = int(segments.max()) + 1
+    totals = values.new_zeros(values.shape[0], num_segments, values.shape[-1])
+    totals.scatter_add_(1, segments.unsqueeze(-1).expand_as(weighted), weighted)
+    counts = values.new_zeros(values.shape[0], num_segments)
+    counts.scatter_add_(1, segments, weights)
+    means = totals / counts.clamp(min=1.0).unsqueeze(-1)
+    return means.gather(1, segments.unsqueeze(-1).expand_as(values))
+
+
+def gumbel_noise(shape, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Standard Gumbel(0, 1) samples in fp32."""
+    uniform = torch.rand(shape, device=device, dtype=torch.float32, generator=generator)
+    return -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1.0 - 1e-7)))
+
+
+def preference_logits(activations, preferred: Optional[str], strength: float) -> torch.Tensor:
+    """[K] logit bias: `strength` on the preferred activation, 0 elsewhere (all 0 when None)."""
+    bias = torch.zeros(len(activations))
+    if preferred is not None:
+        if preferred not in activations:
+            raise ValueError(
+                f"router_init_activation={preferred!r} is not in this layer's activations {list(activations)}; "
+                "pick one of them or leave it unset."
+            )
+        bias[list(activations).index(preferred)] = strength
+    return bias
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Routers: each owns the routing parameters of one layer and returns factorised logits (see activation_mixing.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PolyGLURouter(nn.Module):
+    """ℓ[t, j, k] = α[j, k] + β[k] · f(pooled x_t)[k], f = Linear(d→w) → ReLU → Linear(w→K)."""
+
+    def __init__(self, config: PolyGLUConfig, activations):
+        super().__init__()
+        self.config = config
+        self.num_activations = len(activations)
+        self.alpha = nn.Parameter(torch.zeros(config.intermediate_size, self.num_activations))
+        self.beta = nn.Parameter(torch.ones(self.num_activations))
+        self.proj_in = nn.Linear(config.hidden_size, config.router_hidden_size)
+        self.proj_out = nn.Linear(config.router_hidden_size, self.num_activations)
+        self.register_buffer(
+            "initial_preference",
+            preference_logits(activations, config.router_init_activation, config.router_init_strength),
+            persistent=False,
+        )
+
+    def forward(self, hidden_states, routing_context, cache=None, layer_idx=None):
+        pooling = self.config.routing_pooling
+        router_input = hidden_states.float()
+        context = routing_context or RoutingContext()
+        if pooling == "causal":
+            past_sum = past_count = None
+            if cache is not None:
+                past_sum, past_count = cache.get_routing_state(layer_idx)
+            pooled, running_sum, running_count = causal_document_mean(
+                router_input, context.token_mask, context.document_starts, past_sum, past_count
+            )
+            if cache is not None:
+                cache.set_routing_state(layer_idx, running_sum, running_count)
+        elif pooling == "sequence":
+            pooled = document_mean(router_input, context.token_mask, context.document_starts)
+        else:
+            pooled = router_input
+        hidden = F.relu(F.linear(pooled, self.proj_in.weight.float(), self.proj_in.bias.float()))
+        dynamic = F.linear(hidden, self.proj_out.weight.float(), self.proj_out.bias.float())
+        token_logits = (self.beta.float() * dynamic).unsqueeze(2)  # [B, T, 1, K]
+        static_logits = self.alpha.float()[None, None]  # [1, 1, F, K]
+        if self.training and self.config.routing_noise == "gumbel":
+            # one draw per sequence, neuron and activation, shared by all tokens (as the reference)
+            noise_shape = (hidden_states.shape[0], 1, *self.alpha.shape)
+            static_logits = static_logits + gumbel_noise(noise_shape, hidden_states.device)
+        return static_logits, token_logits
+
+
+class TokenRouter(nn.Module):
+    """Per-token softmax logits W x + b (MoA; DualGLU's dynamic mixing)."""
+
+    def __init__(self, config: PolyGLUConfig, activations):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(len(activations), config.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(len(activations)))
+        self.register_buffer(
+            "initial_preference",
+            preference_logits(activations, config.router_init_activation, config.router_init_strength),
+            persistent=False,
+        )
+
+    def forward(self, hidden_states, routing_context=None, cache=None, layer_idx=None):
+        logits = F.linear(hidden_states.float(), self.weight.float(), self.bias.float())
+        return None, logits.unsqueeze(2)
+
+
+class StaticRouter(nn.Module):
+    """One learned softmax over the activations for the whole layer (DualGLU's learned_static mixing)."""
+
+    def __init__(self, config: PolyGLUConfig, activations):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(len(activations)))
+        self.register_buffer(
+            "initial_preference",
+            preference_logits(activations, config.router_init_activation, config.router_init_strength),
+            persistent=False,
+        )
+
+    def forward(self, hidden_states, routing_context=None, cache=None, layer_idx=None):
+        return self.logits.float().view(1, 1, 1, -1), None
+
+
+class LearnedCoefficients(nn.Module):
+    """A learned linear combination of the activations, not normalised (LA)."""
+
+    def __init__(self, config: PolyGLUConfig, activations):
+        super().__init__()
+        self.coefficients = nn.Parameter(torch.zeros(len(activations)))
+        preferred = config.router_init_activation
+        initial = preference_logits(activations, preferred, 1.0)
+        if preferred is None:
+            initial = torch.full((len(activations),), 1.0 / len(activations))
+        self.register_buffer("initial_coefficients", initial, persistent=False)
+
+    def forward(self, hidden_states, routing_context=None, cache=None, layer_idx=None):
+        return self.coefficients.float().view(1, 1, 1, -1), None
+
+
+class DynamicGEGLUGate(nn.Module):
+    """a_t = sigmoid(s · ‖LayerNorm(x_t)‖₂ + b), one scalar per token scaling GELU(gate x)."""
+
+    def __init__(self, config: PolyGLUConfig, activations):
+        super().__init__()
+        self.config = config
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.scale = nn.Parameter(torch.full((1,), float(config.dynamic_geglu_scale_init)))
+        self.bias = nn.Parameter(torch.full((1,), float(config.dynamic_geglu_bias_init)))
+
+    def forward(self, hidden_states, routing_context=None, cache=None, layer_idx=None):
+        normed = F.layer_norm(
+            hidden_states.float(),
+            self.norm.normalized_shape,
+            self.norm.weight.float(),
+            self.norm.bias.float(),
+            self.norm.eps,
+        )
+        gate = torch.sigmoid(self.scale.float() * normed.norm(dim=-1, keepdim=True) + self.bias.float())
+        return None, gate.unsqueeze(2)  # [B, T, 1, 1]
+
+
+class StaticEqualMixing(nn.Module):
+    """DualGLU's fixed ½/½ ablation: no parameters, zero logits under a softmax."""
+
+    def __init__(self, config: PolyGLUConfig, activations):
+        super().__init__()
+        self.num_activations = len(activations)
+
+    def forward(self, hidden_states, routing_context=None, cache=None, layer_idx=None):
+        return hidden_states.new_zeros(1, 1, 1, self.num_activations, dtype=torch.float32), None
+
+
+def _mixer_spec(config: PolyGLUConfig, ffn_type: str):
+    """(activations, router class or None, normalization, gated) of one layer's feed-forward variant."""
+    if ffn_type in FIXED_FFN_ACTIVATIONS:
+        return (FIXED_FFN_ACTIVATIONS[ffn_type],), None, None, not ffn_type.startswith("mlp_")
+    if ffn_type == "polyglu":
+        return tuple(config.activations), PolyGLURouter, "softmax", True
+    if ffn_type == "moa":
+        return tuple(config.activations), TokenRouter, "softmax", config.mixer_form == "gated"
+    if ffn_type == "la":
+        return tuple(config.activations), LearnedCoefficients, "linear", config.mixer_form == "gated"
+    if ffn_type == "dualglu":
+        router = {"dynamic": TokenRouter, "learned_static": StaticRouter, "static_equal": StaticEqualMixing}
+        return DUALGLU_ACTIVATIONS, router[config.dualglu_mixing], "softmax", True
+    if ffn_type == "dynamic_geglu":
+        return ("gelu",), DynamicGEGLUGate, "linear", True
+    raise ValueError(f"Unknown ffn_type {ffn_type!r}.")
+
+
+class PolyGLUMLP(nn.Module):
+    """down(m(gate x) ⊙ up x) (gated) or down(m(up x)) (plain), m mixing this layer's activations.
+
+    `mlp(hidden_states)` works alone (one document per row, no padding, no cache); the decoder passes the routing
+    context, the cache and `output_routing_weights`. With `output_routing_weights=True` it returns
+    `(output, routing_weights)`, the weights being [B, T, F, K] (polyglu), [B, T, K] (other mixers) or None.
+    """
+
+    def __init__(self, config: PolyGLUConfig, layer_idx: int = 0):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.ffn_type = config.ffn_type_of_layer(layer_idx)
+        self.activations, router_class, self.normalization, self.gated = _mixer_spec(config, self.ffn_type)
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = config.intermediate_size
+        if self.gated:
+            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        if router_class is not None:
+            self.router = router_class(config, self.activations)
+
+    @property
+    def is_softmax_routed(self) -> bool:
+        return self.normalization == "softmax"
+
+    def forward(self, hidden_states, routing_context=None, past_key_values=None, output_routing_weights=False):
+        if self.gated:
+            pre_activation, up = self.gate_proj(hidden_states), self.up_proj(hidden_states)
+        else:
+            pre_activation, up = self.up_proj(hidden_states), None
+        static_logits = token_logits = None
+        if hasattr(self, "router"):
+            static_logits, token_logits = self.router(hidden_states, routing_context, past_key_values, self.layer_idx)
+        tau = self.config.routing_tau if self.is_softmax_routed else 1.0
+        hard = self.config.routing_hard and self.is_softmax_routed
+        mix = mix_activations if self.config.mixing_backend == "fused" else mix_activations_naive
+        normalization = self.normalization or "linear"
+        mixed = mix(pre_activation, up, self.activations, static_logits, token_logits, tau, normalization, hard)
+        output = self.down_proj(mixed)
+        if not output_routing_weights:
+            return output
+        weights = mixing_weights(static_logits, token_logits, tau, normalization, hard)
+        if weights is not None:
+            batch, length = hidden_states.shape[:2]
+            if weights.shape[2] == 1:  # one distribution per token (or per layer): [B, T, K]
+                weights = weights[:, :, 0].expand(batch, length, -1)
+            else:
+                weights = weights.expand(batch, length, -1, -1)
+        return output, weights
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cache
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PolyGLUCache(DynamicCache):
+    """A DynamicCache that also carries, per causal-routed layer, the running sum and count of router inputs.
+
+    `generate()` and callers that build a plain `DynamicCache` get an empty one converted in place on the first
+    forward (see :func:`ensure_routing_cache`), so beam search, batch expansion and selection reorder the routing
+    state together with the keys and values.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_routing_state()
+
+    def _init_routing_state(self):
+        self.routing_sums: dict[int, torch.Tensor] = {}
+        self.routing_counts: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def adopt(cls, cache: DynamicCache) -> "PolyGLUCache":
+        # Same object, so every reference generate() holds sees the routing state; only the class changes.
+        cache.__class__ = cls
+        cache._init_routing_state()
+        return cache
+
+    def get_routing_state(self, layer_idx: int):
+        return self.routing_sums.get(layer_idx), self.routing_counts.get(layer_idx)
+
+    def set_routing_state(self, layer_idx: int, running_sum: torch.Tensor, running_count: torch.Tensor):
+        self.routing_sums[layer_idx] = running_sum
+        self.routing_counts[layer_idx] = running_count
+
+    def _map_routing_state(self, fn):
+        for store in (self.routing_sums, self.routing_counts):
+            for layer_idx, tensor in store.items():
+                store[layer_idx] = fn(tensor)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        self._map_routing_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        self._map_routing_state(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        self._map_routing_state(lambda t: t[indices])
+
+    def reset(self):
+        super().reset()
+        self._init_routing_state()
+
+    @property
+    def is_croppable(self) -> bool:
+        return not self.routing_sums and super().is_croppable
+
+    def crop(self, *args, **kwargs):
+        if self.routing_sums:
+            raise ValueError(
+                "PolyGLUCache cannot crop: causal routing keeps a running sum of router inputs, not one entry per "
+                "token. Assisted/speculative decoding that rolls the cache back is not supported; use plain "
+                "generation (or ffn routing_pooling='token')."
+            )
+        return super().crop(*args, **kwargs)
+
+
+def ensure_routing_cache(cache: Optional[Cache], config: PolyGLUConfig) -> Optional[Cache]:
+    """Return a cache able to carry causal routing state (converting an empty DynamicCache in place)."""
+    needs_state = config.routing_pooling == "causal" and any(
+        config.ffn_type_of_layer(i) == "polyglu" for i in range(config.num_hidden_layers)
+    )
+    if cache is None or isinstance(cache, PolyGLUCache) or not needs_state:
+        return cache
+    if isinstance(cache, DynamicCache) and cache.get_seq_length() == 0:
+        return PolyGLUCache.adopt(cache)
+    raise ValueError(
+        f"Causal PolyGLU routing needs its running pooled state in the cache, and a {type(cache).__name__} "
+        f"{'that already holds tokens ' if cache.get_seq_length() else ''}cannot carry it. Pass "
+        "`PolyGLUCache(config=model.config)` (or no cache) instead; static and quantized caches are not supported."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PolyGLUDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: PolyGLUConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.self_attn = PolyGLUAttention(config=config, layer_idx=layer_idx)
+        self.mlp = PolyGLUMLP(config, layer_idx)
+        self.input_layernorm = PolyGLURMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = PolyGLURMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values: Optional[Cache] = None,
+        use_cache: bool = False,
+        position_embeddings=None,
+        routing_context: Optional[RoutingContext] = None,
+        output_routing_weights: bool = False,
+        **kwargs,
+    ):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, attn_weights = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        mlp_output = self.mlp(hidden_states, routing_context, past_key_values, output_routing_weights)
+        routing_weights = None
+        if output_routing_weights:
+            mlp_output, routing_weights = mlp_output
+        return residual + mlp_output, attn_weights, routing_weights
+
+
+@dataclass
+class PolyGLUModelOutputWithPast(BaseModelOutputWithPast):
+    """BaseModelOutputWithPast plus `routing_weights`: per layer, the applied mixing coefficients (or None)."""
+
+    routing_weights: Optional[tuple] = None
+
+
+@dataclass
+class PolyGLUCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus `routing_weights`: per layer, the applied mixing coefficients (or None)."""
+
+    routing_weights: Optional[tuple] = None
+
+
+class PolyGLUPreTrainedModel(PreTrainedModel):
+    config_class = PolyGLUConfig
+    config: PolyGLUConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["PolyGLUDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # pooling and cache adoption branch on data
+    # routing parameters (α, β, router MLPs, logit biases) stay fp32 when the model is loaded in bf16/fp16
+    _keep_in_fp32_modules_strict = ["router"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, PolyGLURouter):
+            init.copy_(module.alpha, module.initial_preference.to(module.alpha.dtype).expand_as(module.alpha))
+            init.ones_(module.beta)
+        elif isinstance(module, TokenRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.copy_(module.bias, module.initial_preference.to(module.bias.dtype))
+        elif isinstance(module, StaticRouter):
+            init.copy_(module.logits, module.initial_preference.to(module.logits.dtype))
+        elif isinstance(module, LearnedCoefficients):
+            init.copy_(module.coefficients, module.initial_coefficients.to(module.coefficients.dtype))
+        elif isinstance(module, DynamicGEGLUGate):
+            init.constant_(module.scale, float(self.config.dynamic_geglu_scale_init))
+            init.constant_(module.bias, float(self.config.dynamic_geglu_bias_init))
+
+    def set_routing_tau(self, tau: float) -> None:
+        """Set the softmax temperature of every router (saved with the config; used in train and eval)."""
+        tau = float(tau)
+        if not tau > 0:
+            raise ValueError(f"routing tau must be > 0, got {tau}.")
+        self.config.routing_tau = tau
+
+
+def _mask_creation_kwargs(config, inputs_embeds, attention_mask, past_key_values, position_ids):
+    """Keyword arguments for `create_causal_mask`, whose parameter names changed within transformers 5.x."""
+    parameters = inspect.signature(create_causal_mask).parameters
+    kwargs = {"config": config, "attention_mask": attention_mask, "past_key_values": past_key_values}
+    kwargs["inputs_embeds" if "inputs_embeds" in parameters else "input_embeds"] = inputs_embeds
+    if "position_ids" in parameters:
+        kwargs["position_ids"] = position_ids
+    if "cache_position" in parameters:
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        kwargs["cache_position"] = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)
+    return kwargs
+
+
+class PolyGLUModel(PolyGLUPreTrainedModel):
+    def __init__(self, config: PolyGLUConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [PolyGLUDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = PolyGLURMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = PolyGLURotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_routing_weights: bool = False,
+        **kwargs,
+    ) -> PolyGLUModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        kwargs.pop("return_dict", None)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if self.config.uses_noncausal_routing and past_key_values is not None and past_key_values.get_seq_length() > 0:
+            raise ValueError(
+                "This model routes with routing_pooling='sequence' (whole-sequence mean, not causal): a token's "
+                "routing depends on later tokens, so a KV cache cannot be continued. Generate with use_cache=False "
+                "(the default for such models), or switch to routing_pooling='causal', which changes the function."
+            )
+        if use_cache and past_key_values is None:
+            past_key_values = PolyGLUCache(config=self.config)
+        past_key_values = ensure_routing_cache(past_key_values, self.config)
+
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
+            position_ids = position_ids.unsqueeze(0)
+
+        # Routing sees what attention sees: padding from a 2-D mask, packed documents from position ids exactly
+        # when transformers' masking does (no mask and no cache).
+        token_mask = None
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -inputs_embeds.shape[1] :]
+        document_starts = None
+        if attention_mask is None and past_key_values is None:
+            document_starts = document_starts_from_position_ids(position_ids.expand(inputs_embeds.shape[0], -1))
+        routing_context = RoutingContext(token_mask=token_mask, document_starts=document_starts)
+
+        if isinstance(attention_mask, dict):
+            causal_mask = attention_mask["full_attention"]
+        else:
+            causal_mask = create_causal_mask(
+                **_mask_creation_kwargs(self.config, inputs_embeds, attention_mask, past_key_values, position_ids)
+            )
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        all_routing_weights = () if output_routing_weights else None
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, attn_weights, routing_weights = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                routing_context=routing_context,
+                output_routing_weights=output_routing_weights,
+                **kwargs,
+            )
+            if output_attentions:
+                all_attentions += (attn_weights,)
+            if output_routing_weights:
+                all_routing_weights += (routing_weights,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        return PolyGLUModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+            routing_weights=all_routing_weights,
+        )
+
+
+class PolyGLUForCausalLM(PolyGLUPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: PolyGLUConfig):
+        super().__init__(config)
+        self.model = PolyGLUModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.uses_noncausal_routing:
+            self.generation_config.use_cache = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_routing_weights: bool = False,
+        return_dict: Optional[bool] = None,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        **kwargs,
+    ) -> Union[tuple, PolyGLUCausalLMOutputWithPast]:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            output_routing_weights=output_routing_weights,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        result = PolyGLUCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            routing_weights=outputs.routing_weights,
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return result if return_dict else result.to_tuple()
+
+
+class PolyGLUForSequenceClassification(PolyGLUPreTrainedModel):
+    """A linear head on the hidden state of each row's last non-padding token."""
+
+    def __init__(self, config: PolyGLUConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = PolyGLUModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> Union[tuple, SequenceClassifierOutputWithPast]:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.score(outputs.last_hidden_state)
+        batch_size = logits.shape[0]
+        pad_token_id = self.config.pad_token_id
+        if pad_token_id is None and batch_size != 1:
+            raise ValueError("Cannot classify a batch of several rows without pad_token_id in the config.")
+        if pad_token_id is None or input_ids is None:
+            last_token = torch.full((batch_size,), logits.shape[1] - 1, device=logits.device)
+        else:
+            # rightmost non-padding token, for left and right padding alike
+            not_pad = (input_ids != pad_token_id).to(logits.device, torch.int32)
+            positions = torch.arange(input_ids.shape[-1], device=logits.device, dtype=torch.int32)
+            last_token = (positions * not_pad).argmax(-1)
+        pooled_logits = logits[torch.arange(batch_size, device=logits.device), last_token]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
+        result = SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled_logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return result if return_dict else result.to_tuple()
+
+
+__all__ = [
+    "PolyGLUCache",
+    "PolyGLUForCausalLM",
+    "PolyGLUForSequenceClassification",
+    "PolyGLUModel",
+    "PolyGLUPreTrainedModel",
+    "PolyGLUMLP",
+]
