@@ -641,6 +641,14 @@ class PolyGLUCausalLMOutputWithPast(CausalLMOutputWithPast):
     routing_weights: Optional[tuple] = None
 
 
+REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_polyglu.PolyGLUConfig",
+    "AutoModel": "modeling_polyglu.PolyGLUModel",
+    "AutoModelForCausalLM": "modeling_polyglu.PolyGLUForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_polyglu.PolyGLUForSequenceClassification",
+}
+
+
 class PolyGLUPreTrainedModel(PreTrainedModel):
     config_class = PolyGLUConfig
     config: PolyGLUConfig
@@ -672,6 +680,13 @@ class PolyGLUPreTrainedModel(PreTrainedModel):
         elif isinstance(module, DynamicGEGLUGate):
             init.constant_(module.scale, float(self.config.dynamic_geglu_scale_init))
             init.constant_(module.bias, float(self.config.dynamic_geglu_bias_init))
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # transformers writes an auto_map entry only for the class being saved; list every Auto class so that
+        # AutoModel / AutoModelForSequenceClassification also load the checkpoint with trust_remote_code.
+        if getattr(self, "_auto_class", None) is not None:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **REMOTE_CODE_AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def set_routing_tau(self, tau: float) -> None:
         """Set the softmax temperature of every router (saved with the config; used in train and eval)."""
