@@ -27,10 +27,80 @@ def _run_demo(args) -> int:
     return 0 if summary["cache_matches"] and summary["remote_code_max_abs_diff"] == 0.0 else 1
 
 
+def _add_convert_parsers(subparsers):
+    convert = subparsers.add_parser("convert", help="Convert checkpoints into PolyGLU-family checkpoints.")
+    kinds = convert.add_subparsers(dest="source_kind", required=True)
+
+    qwen3 = kinds.add_parser(
+        "qwen3",
+        help="Retrofit a transformers Qwen3 checkpoint into any ffn_type.",
+        description="Streams a Qwen3 safetensors checkpoint shard by shard into a PolyGLU-family checkpoint whose "
+        "routers start near the source function; measures the deviation on probe text.",
+    )
+    qwen3.add_argument("--src", required=True, help="Qwen3 checkpoint directory (safetensors, single or sharded)")
+    qwen3.add_argument("--dst", required=True, help="output directory (must not exist unless --overwrite)")
+    qwen3.add_argument("--ffn-type", required=True, choices=FFN_TYPES)
+    qwen3.add_argument("--layers", default="all", help="'all' (default), 'top:N', 'bottom:N' or indices like '0,2,10-13'")
+    qwen3.add_argument(
+        "--router-init-activation", default="silu",
+        help="activation the routers prefer at the start (default silu = SwiGLU's); 'none' for unbiased routers",
+    )
+    qwen3.add_argument(
+        "--router-init-strength", type=float, default=8.0,
+        help="logit preference for it (default 8: ~0.1%% weight elsewhere for K=4, gradients still reach the router)",
+    )
+    qwen3.add_argument("--probe-file", help="text file to measure the deviation on (default: built-in text)")
+    qwen3.add_argument("--no-verify", action="store_true", help="skip loading both models to measure the deviation")
+    qwen3.add_argument("--seed", type=int, default=0, help="seed of the new router parameters")
+    qwen3.add_argument("--overwrite", action="store_true")
+    qwen3.set_defaults(handler=_run_convert_qwen3)
+
+    reference = kinds.add_parser(
+        "polychromatic",
+        help="Import a PolychromaticLM checkpoint of the reference PolyGLU implementation.",
+        description="Imports a reference .pt (portable or SFT) or .safetensors checkpoint; dims are inferred from shapes.",
+    )
+    reference.add_argument("--src", required=True, help="reference checkpoint: .pt or .safetensors")
+    reference.add_argument("--dst", required=True, help="output directory (must not exist unless --overwrite)")
+    reference.add_argument("--tokenizer", help="directory with the tokenizer files to copy (Qwen3-0.6B-Base for the release)")
+    reference.add_argument("--tau", type=float, help="routing τ when the file does not store it (.safetensors)")
+    reference.add_argument("--max-position-embeddings", type=int, help="context length when the file has no RoPE tables (default 4096)")
+    reference.add_argument(
+        "--routing-pooling", default="sequence", choices=("sequence", "causal", "token"),
+        help="sequence (default) reproduces the reference; causal is cacheable but changes the function",
+    )
+    reference.add_argument("--overwrite", action="store_true")
+    reference.set_defaults(handler=_run_convert_polychromatic)
+
+
+def _run_convert_qwen3(args) -> int:
+    from .qwen3_conversion import convert_qwen3
+
+    preferred = None if args.router_init_activation == "none" else args.router_init_activation
+    convert_qwen3(
+        args.src, args.dst, args.ffn_type, layers=args.layers, router_init_activation=preferred,
+        router_init_strength=args.router_init_strength, verify=not args.no_verify, probe_file=args.probe_file,
+        overwrite=args.overwrite, seed=args.seed,
+    )
+    return 0
+
+
+def _run_convert_polychromatic(args) -> int:
+    from .polychromatic_import import convert_polychromatic
+
+    convert_polychromatic(
+        args.src, args.dst, tokenizer=args.tokenizer, tau=args.tau,
+        max_position_embeddings=args.max_position_embeddings, routing_pooling=args.routing_pooling,
+        overwrite=args.overwrite,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polyglu", description="Activation-mixing feed-forward layers for Qwen3-style models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo_parser(subparsers)
+    _add_convert_parsers(subparsers)
     return parser
 
 

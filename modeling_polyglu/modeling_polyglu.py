@@ -313,6 +313,13 @@ class PolyGLURouter(nn.Module):
             persistent=False,
         )
 
+    def initialize_parameters(self, initializer_range: float):
+        init.copy_(self.alpha, self.initial_preference.to(self.alpha.dtype).expand_as(self.alpha))
+        init.ones_(self.beta)
+        for linear in (self.proj_in, self.proj_out):
+            init.normal_(linear.weight, mean=0.0, std=initializer_range)
+            init.zeros_(linear.bias)
+
     def forward(self, hidden_states, routing_context, cache=None, layer_idx=None):
         pooling = self.config.routing_pooling
         router_input = hidden_states.float()
@@ -354,6 +361,10 @@ class TokenRouter(nn.Module):
             persistent=False,
         )
 
+    def initialize_parameters(self, initializer_range: float):
+        init.normal_(self.weight, mean=0.0, std=initializer_range)
+        init.copy_(self.bias, self.initial_preference.to(self.bias.dtype))
+
     def forward(self, hidden_states, routing_context=None, cache=None, layer_idx=None):
         logits = F.linear(hidden_states.float(), self.weight.float(), self.bias.float())
         return None, logits.unsqueeze(2)
@@ -371,6 +382,9 @@ class StaticRouter(nn.Module):
             persistent=False,
         )
 
+    def initialize_parameters(self, initializer_range: float):
+        init.copy_(self.logits, self.initial_preference.to(self.logits.dtype))
+
     def forward(self, hidden_states, routing_context=None, cache=None, layer_idx=None):
         return self.logits.float().view(1, 1, 1, -1), None
 
@@ -387,6 +401,9 @@ class LearnedCoefficients(nn.Module):
             initial = torch.full((len(activations),), 1.0 / len(activations))
         self.register_buffer("initial_coefficients", initial, persistent=False)
 
+    def initialize_parameters(self, initializer_range: float):
+        init.copy_(self.coefficients, self.initial_coefficients.to(self.coefficients.dtype))
+
     def forward(self, hidden_states, routing_context=None, cache=None, layer_idx=None):
         return self.coefficients.float().view(1, 1, 1, -1), None
 
@@ -400,6 +417,12 @@ class DynamicGEGLUGate(nn.Module):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.scale = nn.Parameter(torch.full((1,), float(config.dynamic_geglu_scale_init)))
         self.bias = nn.Parameter(torch.full((1,), float(config.dynamic_geglu_bias_init)))
+
+    def initialize_parameters(self, initializer_range: float):
+        init.ones_(self.norm.weight)
+        init.zeros_(self.norm.bias)
+        init.constant_(self.scale, float(self.config.dynamic_geglu_scale_init))
+        init.constant_(self.bias, float(self.config.dynamic_geglu_bias_init))
 
     def forward(self, hidden_states, routing_context=None, cache=None, layer_idx=None):
         normed = F.layer_norm(
@@ -423,8 +446,14 @@ class StaticEqualMixing(nn.Module):
     def forward(self, hidden_states, routing_context=None, cache=None, layer_idx=None):
         return hidden_states.new_zeros(1, 1, 1, self.num_activations, dtype=torch.float32), None
 
+    def initialize_parameters(self, initializer_range: float):
+        pass  # no parameters
 
-def _mixer_spec(config: PolyGLUConfig, ffn_type: str):
+
+ROUTER_CLASSES = (PolyGLURouter, TokenRouter, StaticRouter, LearnedCoefficients, DynamicGEGLUGate, StaticEqualMixing)
+
+
+def mixer_spec(config: PolyGLUConfig, ffn_type: str):
     """(activations, router class or None, normalization, gated) of one layer's feed-forward variant."""
     if ffn_type in FIXED_FFN_ACTIVATIONS:
         return (FIXED_FFN_ACTIVATIONS[ffn_type],), None, None, not ffn_type.startswith("mlp_")
@@ -455,7 +484,7 @@ class PolyGLUMLP(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.ffn_type = config.ffn_type_of_layer(layer_idx)
-        self.activations, router_class, self.normalization, self.gated = _mixer_spec(config, self.ffn_type)
+        self.activations, router_class, self.normalization, self.gated = mixer_spec(config, self.ffn_type)
         self.hidden_size = config.hidden_size
         self.intermediate_size = config.intermediate_size
         if self.gated:
@@ -641,6 +670,8 @@ class PolyGLUCausalLMOutputWithPast(CausalLMOutputWithPast):
     routing_weights: Optional[tuple] = None
 
 
+# the files save_pretrained copies next to a checkpoint (this file and its relative imports, flattened)
+REMOTE_CODE_FILES = ("configuration_polyglu.py", "modeling_polyglu.py", "activation_mixing.py")
 REMOTE_CODE_AUTO_MAP = {
     "AutoConfig": "configuration_polyglu.PolyGLUConfig",
     "AutoModel": "modeling_polyglu.PolyGLUModel",
@@ -666,20 +697,8 @@ class PolyGLUPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        std = self.config.initializer_range
-        if isinstance(module, PolyGLURouter):
-            init.copy_(module.alpha, module.initial_preference.to(module.alpha.dtype).expand_as(module.alpha))
-            init.ones_(module.beta)
-        elif isinstance(module, TokenRouter):
-            init.normal_(module.weight, mean=0.0, std=std)
-            init.copy_(module.bias, module.initial_preference.to(module.bias.dtype))
-        elif isinstance(module, StaticRouter):
-            init.copy_(module.logits, module.initial_preference.to(module.logits.dtype))
-        elif isinstance(module, LearnedCoefficients):
-            init.copy_(module.coefficients, module.initial_coefficients.to(module.coefficients.dtype))
-        elif isinstance(module, DynamicGEGLUGate):
-            init.constant_(module.scale, float(self.config.dynamic_geglu_scale_init))
-            init.constant_(module.bias, float(self.config.dynamic_geglu_bias_init))
+        if isinstance(module, ROUTER_CLASSES):
+            module.initialize_parameters(self.config.initializer_range)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # transformers writes an auto_map entry only for the class being saved; list every Auto class so that

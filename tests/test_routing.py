@@ -79,7 +79,8 @@ def padded_batch(real_length: int, total_length: int, side: str, seed: int = 0):
 
 def padded_row_difference(model, side: str) -> float:
     input_ids, attention_mask, alone = padded_batch(7, 11, side, seed=3)
-    batch_logits = logits_of(model, input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask))
+    positions = positions_from_mask(attention_mask)
+    batch_logits = logits_of(model, input_ids, attention_mask=attention_mask, position_ids=positions)
     alone_logits = logits_of(model, alone)
     return max_abs(batch_logits[0][attention_mask[0].bool()], alone_logits[0])
 
@@ -87,7 +88,9 @@ def padded_row_difference(model, side: str) -> float:
 def packed_documents(seed: int = 0):
     """Two rows of 12 tokens, each two documents, position ids restarting at every document."""
     lengths = [(5, 7), (8, 4)]
-    documents = [[random_ids(1, n, seed + 10 * row + i) for i, n in enumerate(pair)] for row, pair in enumerate(lengths)]
+    documents = [
+        [random_ids(1, n, seed + 10 * row + i) for i, n in enumerate(pair)] for row, pair in enumerate(lengths)
+    ]
     input_ids = torch.cat([torch.cat(row, dim=1) for row in documents])
     position_ids = torch.stack([torch.cat([torch.arange(n) for n in pair]) for pair in lengths])
     return input_ids, position_ids, documents
@@ -128,7 +131,8 @@ def reference_pooled(hidden: torch.Tensor, pooling: str, token_mask=None) -> tor
 def reference_logits(mlp, pooled: torch.Tensor) -> torch.Tensor:
     """ℓ = α + β · f(pooled), f = proj_in → ReLU → proj_out, broadcast to [B, T or 1, F, K]."""
     router = mlp.router
-    dynamic = F.linear(torch.relu(F.linear(pooled, router.proj_in.weight, router.proj_in.bias)), router.proj_out.weight, router.proj_out.bias)
+    hidden = torch.relu(F.linear(pooled, router.proj_in.weight, router.proj_in.bias))
+    dynamic = F.linear(hidden, router.proj_out.weight, router.proj_out.bias)
     return router.alpha[None, None] + (router.beta * dynamic)[:, :, None, :]
 
 
@@ -138,6 +142,17 @@ def reference_mlp(mlp, hidden: torch.Tensor, routing: torch.Tensor) -> torch.Ten
     up = F.linear(hidden, mlp.up_proj.weight)
     activations = torch.stack([activation(gate) for activation in REFERENCE_ACTIVATIONS], dim=-1)
     return F.linear((routing * activations).sum(-1) * up, mlp.down_proj.weight)
+
+
+def unit_scale_projections(mlp, seed: int = 0):
+    """Redraw gate/up/down at O(1/sqrt(fan_in)) so the mlp output is O(1) and tolerances mean something."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            if hasattr(mlp, name):
+                weight = getattr(mlp, name).weight
+                weight.copy_(torch.randn(weight.shape, generator=generator) / weight.shape[1] ** 0.5)
+    return mlp
 
 
 def run_mlp(mlp, hidden, **kwargs):
@@ -206,20 +221,22 @@ def test_packing_test_detects_pooling_across_documents(pooling, monkeypatch):
 @pytest.mark.parametrize("layer", [0, 1])
 @pytest.mark.parametrize("pooling", ["sequence", "token", "causal"])
 def test_polyglu_mlp_matches_reference_formula(pooling, layer):
-    model = tiny_model(routing_pooling=pooling, routing_tau=0.7)
-    mlp = model.model.layers[layer].mlp
+    tau = 1.7
+    model = tiny_model(routing_pooling=pooling, routing_tau=tau)
+    mlp = unit_scale_projections(model.model.layers[layer].mlp)
     hidden = random_hidden(3, 6, seed=layer)
     output, weights = run_mlp(mlp, hidden, output_routing_weights=True)
     with torch.no_grad():
-        expected_weights = torch.softmax(reference_logits(mlp, reference_pooled(hidden, pooling)) / 0.7, dim=-1)
+        expected_weights = torch.softmax(reference_logits(mlp, reference_pooled(hidden, pooling)) / tau, dim=-1)
         expected = reference_mlp(mlp, hidden, expected_weights)
-    assert expected_weights.max() < 0.99, "routing is nearly one-hot; the mixture would be barely tested"
+    mixed_fraction = (expected_weights.max(-1).values < 0.9).float().mean()
+    assert mixed_fraction > 0.2, "routing is nearly one-hot; the mixture would be barely tested"
     torch.testing.assert_close(output, expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(weights, expected_weights.expand_as(weights), rtol=0, atol=1e-6)
 
 
 def test_sequence_pooling_excludes_padding_given_a_mask():
-    mlp = tiny_model(routing_pooling="sequence").model.layers[0].mlp
+    mlp = unit_scale_projections(tiny_model(routing_pooling="sequence").model.layers[0].mlp)
     hidden = random_hidden(2, 7, seed=4)
     token_mask = torch.ones(2, 7)
     token_mask[0, :3] = 0
@@ -234,13 +251,13 @@ def test_sequence_pooling_excludes_padding_given_a_mask():
 
 
 def test_token_pooling_routes_each_token_on_its_own_input():
-    mlp = tiny_model(routing_pooling="token").model.layers[1].mlp
+    mlp = unit_scale_projections(tiny_model(routing_pooling="token").model.layers[1].mlp)
     hidden = random_hidden(2, 6, seed=5)
     together = run_mlp(mlp, hidden)
     one_at_a_time = torch.cat([run_mlp(mlp, hidden[:, t : t + 1]) for t in range(hidden.shape[1])], dim=1)
     torch.testing.assert_close(together, one_at_a_time, rtol=0, atol=1e-6)
     # the same oracle tells causal pooling apart
-    causal_mlp = tiny_model(routing_pooling="causal").model.layers[1].mlp
+    causal_mlp = unit_scale_projections(tiny_model(routing_pooling="causal").model.layers[1].mlp)
     causal_alone = torch.cat([run_mlp(causal_mlp, hidden[:, t : t + 1]) for t in range(hidden.shape[1])], dim=1)
     assert max_abs(run_mlp(causal_mlp, hidden), causal_alone) > 1e-3
 
@@ -249,6 +266,7 @@ def test_token_pooling_routes_each_token_on_its_own_input():
 def test_mlp_alone_equals_the_mlp_inside_the_model(variant):
     ffn_type, options = variant
     model = tiny_model(ffn_type=ffn_type, **options)
+    unit_scale_projections(model.model.layers[1].mlp)
     captured = {}
 
     def capture(module, args, output):
@@ -309,11 +327,12 @@ def test_recovered_gumbel_noise_is_constant_over_tokens_with_logistic_spread():
     # softmax is shift invariant: τ·log w_k − ℓ_k equals G_k up to a per-(token, neuron) constant
     recovered = tau * torch.log(weights.double()) - clean.double()
     noise_differences = recovered[..., 1:] - recovered[..., :1]  # G_k − G_0: Logistic(0, 1), var π²/3
-    torch.testing.assert_close(noise_differences, noise_differences[:, :1].expand_as(noise_differences), rtol=0, atol=1e-4)
+    first_token = noise_differences[:, :1].expand_as(noise_differences)
+    torch.testing.assert_close(noise_differences, first_token, rtol=0, atol=1e-4)
     per_sequence = noise_differences[:, 0]
     assert max_abs(per_sequence[0], per_sequence[1]) > 1.0
     assert 1.5 < per_sequence.std().item() < 2.2
-    assert abs(per_sequence.mean().item()) < 0.3
+    assert abs(per_sequence.mean().item()) < 0.5
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,7 +349,7 @@ def test_hard_routing_weights_are_one_hot_in_eval(ffn_type):
 
 
 def test_hard_routing_applies_the_argmax_activation_per_token_and_neuron():
-    mlp = tiny_model(routing_hard=True).model.layers[1].mlp
+    mlp = unit_scale_projections(tiny_model(routing_hard=True).model.layers[1].mlp)
     hidden = random_hidden(2, 6, seed=11)
     output, weights = run_mlp(mlp, hidden, output_routing_weights=True)
     with torch.no_grad():
@@ -414,12 +433,13 @@ def test_config_rejects_invalid_values(overrides, expected_in_message):
 
 def test_per_layer_ffn_types():
     model = tiny_model(ffn_types=["swiglu", "polyglu"])
-    first, second = (layer.mlp for layer in model.model.layers)
+    first, second = (unit_scale_projections(layer.mlp) for layer in model.model.layers)
     assert (first.ffn_type, second.ffn_type) == ("swiglu", "polyglu")
     router_layers = {name.split(".")[2] for name, _ in model.named_parameters() if ".router." in name}
     assert router_layers == {"1"}
     hidden = random_hidden(2, 5, seed=14)
-    swiglu = F.linear(F.silu(F.linear(hidden, first.gate_proj.weight)) * F.linear(hidden, first.up_proj.weight), first.down_proj.weight)
+    gated = F.silu(F.linear(hidden, first.gate_proj.weight)) * F.linear(hidden, first.up_proj.weight)
+    swiglu = F.linear(gated, first.down_proj.weight)
     torch.testing.assert_close(run_mlp(first, hidden), swiglu, rtol=0, atol=1e-6)
     first_weights, second_weights = routing_weights_of(model, random_ids(2, 5, seed=15))
     assert first_weights is None and second_weights.shape[-2:] == (model.config.intermediate_size, 4)
@@ -441,7 +461,8 @@ def test_router_init_activation_prefers_silu(ffn_type):
 def test_router_init_activation_makes_la_coefficients_one_hot():
     model = tiny_model(ffn_type="la", randomize=False, router_init_activation="silu")
     for layer in model.model.layers:
-        torch.testing.assert_close(layer.mlp.router.coefficients.detach(), F.one_hot(torch.tensor(SILU_INDEX), 4).float())
+        silu_only = F.one_hot(torch.tensor(SILU_INDEX), 4).float()
+        torch.testing.assert_close(layer.mlp.router.coefficients.detach(), silu_only, rtol=0, atol=0)
 
 
 def test_fresh_polyglu_router_starts_unbiased():
@@ -481,11 +502,13 @@ def test_sequence_pooling_generates_by_recomputing():
     input_ids, attention_mask, _ = padded_batch(5, 8, "left", seed=18)
     settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=PAD)
     generated = model.generate(input_ids, attention_mask=attention_mask, **settings)
-    assert torch.equal(generated, model.generate(input_ids, attention_mask=attention_mask, use_cache=False, **settings))
+    without_cache = model.generate(input_ids, attention_mask=attention_mask, use_cache=False, **settings)
+    assert torch.equal(generated, without_cache)
     # greedy decoding by full recomputation, written out
     tokens, mask = input_ids, attention_mask
     for _ in range(6):
-        next_token = logits_of(model, tokens, attention_mask=mask, position_ids=positions_from_mask(mask))[:, -1].argmax(-1)
+        logits = logits_of(model, tokens, attention_mask=mask, position_ids=positions_from_mask(mask))
+        next_token = logits[:, -1].argmax(-1)
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     assert torch.equal(generated, tokens)
