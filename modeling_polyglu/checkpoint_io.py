@@ -72,7 +72,7 @@ def shard_header(shard: Path) -> tuple[dict[str, tuple], dict]:
             shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
             return shapes, handle.metadata() or {}
     except Exception as error:  # safetensors raises its own error types for garbage or truncated headers
-        raise CheckpointError(f"{shard}: not a readable safetensors file ({error})") from None
+        raise CheckpointError(f"{shard}: not a readable safetensors file, corrupt or truncated ({error})") from None
 
 
 def iter_shard_tensors(shard: Path) -> Iterator[tuple[str, torch.Tensor]]:

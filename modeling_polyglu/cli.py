@@ -1,7 +1,9 @@
 """The `polyglu` console command: one entry point with subcommands, like `accelerate` or `trl`."""
 
 import argparse
+import signal
 import sys
+import threading
 
 from .configuration_polyglu import FFN_TYPES
 
@@ -108,15 +110,25 @@ class UserFacingError(Exception):
     """An expected failure (bad input, existing destination): reported in one line, without a traceback."""
 
 
+def _interrupt_on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     from .atomic_output import DestinationExistsError
 
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # a terminated run unwinds like Ctrl-C, so staged output is removed on the way out
+        signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
         return args.handler(args)
     except (UserFacingError, DestinationExistsError, ValueError) as error:
         print(f"polyglu {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"polyglu {args.command}: interrupted; no output was left behind", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

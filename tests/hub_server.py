@@ -134,7 +134,9 @@ class LoopbackHub:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _HubHandler)
         self._server.daemon_threads = True
         self._server.hub = self
-        self._thread = threading.Thread(target=self._server.serve_forever, name="loopback-hub", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="loopback-hub", daemon=True
+        )
         self._thread.start()
         return self
 

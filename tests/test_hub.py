@@ -13,7 +13,7 @@ import torch
 import transformers.utils.hub
 from huggingface_hub import HfApi, constants, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, RemoteEntryNotFoundError, RevisionNotFoundError
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_polyglu.char_tokenizer import build_char_tokenizer
 from modeling_polyglu.remote_code import load_in_fresh_process
@@ -101,11 +101,13 @@ def test_revision_pinning(hub):
     first_logits, second_logits = local_logits(first_model), local_logits(second_model)
     assert not torch.equal(first_logits, second_logits)
 
+    # the pinned commit through remote code in a fresh interpreter (code and weights both fetched at that sha) ...
     pinned, _ = load_in_fresh_process(repo_id, INPUT_IDS, revision=first.oid, env=dict(os.environ))
-    latest, _ = load_in_fresh_process(repo_id, INPUT_IDS, revision="main", env=dict(os.environ))
     assert torch.equal(pinned, first_logits)
-    assert torch.equal(latest, second_logits)
-
+    # ... and both revisions in this process with the registered classes (a second fresh interpreter costs ~10 s)
+    for revision, expected in [(first.oid, first_logits), ("main", second_logits), (None, second_logits)]:
+        loaded = AutoModelForCausalLM.from_pretrained(repo_id, revision=revision, trust_remote_code=False).eval()
+        assert torch.equal(local_logits(loaded), expected), revision
 
 def test_missing_file_and_revision_are_protocol_errors(hub):
     repo_id = HfApi().create_repo("user/empty").repo_id

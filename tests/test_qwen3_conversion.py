@@ -1,0 +1,224 @@
+"""`polyglu convert qwen3`: function-preserving retrofit of Qwen3 checkpoints, streaming, bad input, interruption.
+
+transformers' own Qwen3ForCausalLM (tiny, random, saved locally) is the source and the reference for the deviation.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from modeling_polyglu import PolyGLUForCausalLM
+from modeling_polyglu.char_tokenizer import build_char_tokenizer
+from modeling_polyglu.cli import main
+from modeling_polyglu.qwen3_conversion import convert_qwen3, parse_layers
+
+QWEN3_DIMS = dict(
+    vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+)
+ROUTED = ["polyglu", "moa", "dualglu", "la"]
+QUIET = dict(log=lambda *args: None)
+
+
+def save_qwen3(directory, tied=False, shard="60KB", dtype=torch.float32, seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(Qwen3Config(**{**QWEN3_DIMS, **overrides}, tie_word_embeddings=tied)).to(dtype)
+    model.save_pretrained(directory, max_shard_size=shard)
+    build_char_tokenizer(["abcdefghijklmnopqrstuvwxyz .,?0123456789"]).save_pretrained(directory)
+    return model
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("qwen3") / "src"
+    save_qwen3(directory)
+    return directory
+
+
+def tensors_of(directory):
+    tensors = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return tensors
+
+
+@pytest.mark.parametrize("ffn_type", ["swiglu"] + ROUTED)
+def test_retrofit_preserves_the_function_and_routers_get_gradients(qwen3_dir, tmp_path, ffn_type):
+    report = convert_qwen3(qwen3_dir, tmp_path / "out", ffn_type, **QUIET)
+    print(f"{ffn_type}: max|Δlogit|={report.max_abs_logit_diff:.3e} KL={report.mean_kl:.3e} "
+          f"router grad={report.router_grad_norm:.3e}")
+    assert report.mean_kl <= 1e-4
+    assert report.max_abs_logit_diff < 1e-2
+    if ffn_type == "swiglu":
+        assert report.max_abs_logit_diff == 0.0
+    else:
+        assert report.router_grad_norm > 0.0
+    assert not report.warnings
+
+
+@pytest.mark.parametrize("ffn_type", ["dynamic_geglu", "geglu", "mlp_gelu"])
+def test_non_preserving_variants_convert_with_a_warning_and_the_measured_deviation(qwen3_dir, tmp_path, ffn_type):
+    lines = []
+    report = convert_qwen3(qwen3_dir, tmp_path / "out", ffn_type, log=lines.append)
+    assert any(line.startswith("warning:") and "cannot reproduce SwiGLU" in line for line in lines)
+    assert report.max_abs_logit_diff > 1e-4  # it really is a different function
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Warning:" in card and f"{report.max_abs_logit_diff:.3e}" in card
+
+
+def test_only_chosen_layers_get_routers_and_every_source_tensor_is_copied(qwen3_dir, tmp_path):
+    report = convert_qwen3(qwen3_dir, tmp_path / "out", "polyglu", layers="top:1", **QUIET)
+    assert report.converted_layers == [2]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["ffn_types"] == ["swiglu", "swiglu", "polyglu"]
+    source, converted = tensors_of(qwen3_dir), tensors_of(tmp_path / "out")
+    for name, tensor in source.items():
+        assert torch.equal(converted[name], tensor), name
+    new = sorted(set(converted) - set(source))
+    assert new and all(name.startswith("model.layers.2.mlp.router.") for name in new)
+    assert all(converted[name].dtype == torch.float32 for name in new)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(converted)
+
+
+def test_output_is_a_complete_loadable_repo(qwen3_dir, tmp_path):
+    convert_qwen3(qwen3_dir, tmp_path / "out", "moa", verify=False, **QUIET)
+    names = {path.name for path in (tmp_path / "out").iterdir()}
+    assert {"config.json", "modeling_polyglu.py", "configuration_polyglu.py", "activation_mixing.py",
+            "tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"} <= names
+    card = (tmp_path / "out" / "README.md").read_text()
+    front_matter = card.split("---")[1]
+    for key in ("base_model:", "library_name: transformers", "pipeline_tag: text-generation", "tags:"):
+        assert key in front_matter
+    assert "trust_remote_code=True" in card and "revision=" in card
+    assert "Verification was skipped" in card
+    model = PolyGLUForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.model.layers[0].mlp.ffn_type == "moa"
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_bf16_and_tied_sources(tmp_path, tied):
+    source = tmp_path / "src"
+    save_qwen3(source, tied=tied, dtype=torch.bfloat16, shard="10GB")
+    report = convert_qwen3(source, tmp_path / "out", "polyglu", **QUIET)
+    assert report.mean_kl <= 1e-4
+    converted = tensors_of(tmp_path / "out")
+    assert converted["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    assert converted["model.layers.0.mlp.router.alpha"].dtype == torch.float32
+    assert ("lm_head.weight" in converted) == (not tied)
+    loaded = PolyGLUForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
+    assert loaded.model.layers[0].mlp.router.alpha.dtype == torch.float32
+
+
+def test_layers_option_is_validated():
+    assert parse_layers("0,2-3", 5) == [0, 2, 3]
+    assert parse_layers("bottom:2", 5) == [0, 1]
+    for bad in ("top:0", "top:9", "7", "x"):
+        with pytest.raises(ValueError, match="--layers"):
+            parse_layers(bad, 5)
+
+
+def _cli_error(capsys, argv):
+    capsys.readouterr()  # drop what building the fixture printed
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "Traceback" not in error
+    return error
+
+
+def _corrupt(directory, how):
+    shard = sorted(directory.glob("model*.safetensors"))[0]
+    if how == "garbage":
+        shard.write_bytes(b"\x00not a safetensors file at all" * 10)
+    elif how == "truncated":
+        data = shard.read_bytes()
+        shard.write_bytes(data[: len(data) // 2])
+    return shard
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ("missing_dir", "config.json: not found"),
+        ("llama", "model_type is 'llama', expected 'qwen3'"),
+        ("garbage", "not a readable safetensors file"),
+        ("truncated", "truncated"),
+        ("wrong_shape", "has shape"),
+        ("missing_tensor", "missing"),
+        ("extra_tensor", "unexpected tensor"),
+        ("missing_shard", "listed in model.safetensors.index.json but missing"),
+        ("bin_only", "re-save it with safetensors"),
+    ],
+)
+def test_bad_sources_fail_in_one_line_and_leave_nothing(tmp_path, capsys, breakage, message):
+    source = tmp_path / "src"
+    if breakage != "missing_dir":
+        save_qwen3(source, shard="10GB" if breakage in ("truncated", "wrong_shape", "missing_tensor", "extra_tensor") else "60KB")
+    if breakage == "llama":
+        config = json.loads((source / "config.json").read_text())
+        (source / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    elif breakage in ("garbage", "truncated"):
+        _corrupt(source, breakage)
+    elif breakage in ("wrong_shape", "missing_tensor", "extra_tensor"):
+        tensors = tensors_of(source)
+        if breakage == "wrong_shape":
+            tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(7, 64)
+        elif breakage == "missing_tensor":
+            del tensors["model.layers.1.self_attn.k_norm.weight"]
+        else:
+            tensors["model.layers.1.mlp.experts.weight"] = torch.zeros(2)
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
+    elif breakage == "missing_shard":
+        sorted(source.glob("model-*.safetensors"))[1].unlink()
+    elif breakage == "bin_only":
+        for path in source.glob("*.safetensors*"):
+            path.unlink()
+        (source / "pytorch_model.bin").write_bytes(b"pickle")
+    error = _cli_error(capsys, ["convert", "qwen3", "--src", str(source), "--dst", str(tmp_path / "dst"), "--ffn-type", "polyglu"])
+    assert message in error
+    assert sorted(path.name for path in tmp_path.iterdir()) == (["src"] if breakage != "missing_dir" else [])
+
+
+def test_existing_destination_needs_overwrite(qwen3_dir, tmp_path, capsys):
+    destination = tmp_path / "dst"
+    destination.mkdir()
+    (destination / "keep.txt").write_text("mine")
+    error = _cli_error(capsys, ["convert", "qwen3", "--src", str(qwen3_dir), "--dst", str(destination), "--ffn-type", "la"])
+    assert "already exists" in error and "--overwrite" in error
+    assert (destination / "keep.txt").read_text() == "mine"
+    assert main(["convert", "qwen3", "--src", str(qwen3_dir), "--dst", str(destination), "--ffn-type", "la", "--overwrite", "--no-verify"]) == 0
+    assert not (destination / "keep.txt").exists() and (destination / "config.json").is_file()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_conversion_leaves_nothing_behind(tmp_path, sig):
+    source = tmp_path / "src"
+    save_qwen3(source, shard="40KB", hidden_size=128, intermediate_size=512, num_hidden_layers=6)
+    destination = tmp_path / "dst"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "modeling_polyglu.cli", "convert", "qwen3", "--src", str(source), "--dst",
+         str(destination), "--ffn-type", "polyglu"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 60
+    staged = []
+    while time.time() < deadline and process.poll() is None and not staged:
+        staged = [path for path in tmp_path.glob(".tmp-dst-*") if any(path.glob("*.safetensors"))]
+        time.sleep(0.005)
+    assert staged, "the conversion finished before it could be interrupted"
+    process.send_signal(sig)
+    process.wait(timeout=60)
+    assert process.returncode != 0
+    assert not destination.exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["src"]
