@@ -247,11 +247,22 @@ def convert_polychromatic(
     return config
 
 
+_SEQUENCE_POOLING_NOTE = (
+    "the reference semantics — every token is routed on the mean of the whole sequence, including later tokens. "
+    "This is NOT causal, so the KV cache is disabled and generation recomputes the sequence. "
+    '`routing_pooling="causal"` gives a causal, cacheable model but changes the function (O(1) logit changes on '
+    "small models), so use it only to fine-tune further."
+)
+
+
 def _card_summary(metadata, tau_value, routing_pooling, dtype) -> str:
+    pooling_note = _SEQUENCE_POOLING_NOTE if routing_pooling == "sequence" else "not the reference semantics; logits differ from the reference."
+    dtype_name = str(dtype).replace("torch.", "")
     return f"""Imported from a checkpoint of the reference PolyGLU implementation (PolychromaticLM, {metadata['format']} format).
 
 * Routing temperature τ = {tau_value} (from the checkpoint), noise-free in eval mode: `softmax(ℓ/τ)`, the deterministic
   centre of the reference's Gumbel-softmax (the reference drew Gumbel noise even at evaluation).
-* `routing_pooling="{routing_pooling}"`: {"the reference semantics — every token is routed on the mean of the whole sequence, including later tokens. This is NOT causal, so the KV cache is disabled and generation recomputes the sequence. `routing_pooling=\"causal\"` gives a causal, cacheable model but changes the function (O(1) logit changes on small models), so use it only to fine-tune further." if routing_pooling == "sequence" else "not the reference semantics; logits differ from the reference."}
-* RoPE cos/sin tables are recomputed in fp32 rather than read from the checkpoint (source dtype {str(dtype).replace('torch.', '')}); with
-  bf16 sources this differs slightly from running the reference on its bf16-rounded stored tables."""
+* `routing_pooling="{routing_pooling}"`: {pooling_note}
+* RoPE cos/sin tables are recomputed in fp32 rather than read from the checkpoint (source dtype {dtype_name}); with
+  bf16 sources this differs slightly from running the reference on its bf16-rounded stored tables.
+"""

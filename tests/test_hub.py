@@ -42,7 +42,8 @@ def hub(tmp_path, monkeypatch):
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         # variables that would override HF_HOME or turn the client offline in the child processes
-        for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_MODULES_CACHE", "HF_TOKEN_PATH", "TRANSFORMERS_OFFLINE"):
+        overriding = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_MODULES_CACHE", "HF_TOKEN_PATH", "TRANSFORMERS_OFFLINE")
+        for name in overriding:
             monkeypatch.delenv(name, raising=False)
 
         # this process imported huggingface_hub before the variables above were set: patch what it computed
@@ -109,7 +110,8 @@ def test_revision_pinning(hub):
         loaded = AutoModelForCausalLM.from_pretrained(repo_id, revision=revision, trust_remote_code=False).eval()
         assert torch.equal(local_logits(loaded), expected), revision
 
-def test_missing_file_and_revision_are_protocol_errors(hub):
+
+def test_missing_entries_are_protocol_errors_and_tree_lists_files(hub):
     repo_id = HfApi().create_repo("user/empty").repo_id
     with pytest.raises(EntryNotFoundError) as caught:
         hf_hub_download(repo_id, "does-not-exist.json")
@@ -122,3 +124,11 @@ def test_missing_file_and_revision_are_protocol_errors(hub):
     with pytest.raises(RevisionNotFoundError):
         hf_hub_download(repo_id, ".gitattributes", revision="0" * 40)
     assert hf_hub_download(repo_id, ".gitattributes").endswith(".gitattributes")
+
+    # the tree listing that list_repo_files / list_repo_tree read
+    api = HfApi()
+    api.upload_file(path_or_fileobj=b"nested\n", path_in_repo="sub/dir/notes.txt", repo_id=repo_id)
+    assert sorted(api.list_repo_files(repo_id)) == [".gitattributes", "sub/dir/notes.txt"]
+    top = {entry.path: type(entry).__name__ for entry in api.list_repo_tree(repo_id)}
+    assert top == {".gitattributes": "RepoFile", "sub": "RepoFolder"}
+    assert [entry.path for entry in api.list_repo_tree(repo_id, path_in_repo="sub/dir")] == ["sub/dir/notes.txt"]
