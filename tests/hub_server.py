@@ -86,8 +86,11 @@ class _HubHandler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method == "POST" else b""
         hub.requests.append((method, url.path))
         try:
-            with hub.lock:
-                status, headers, payload = hub.route(method, segments, query, body, self.headers)
+            try:
+                with hub.lock:
+                    status, headers, payload = hub.route(method, segments, query, body, self.headers)
+            except (KeyError, ValueError) as bug:  # a malformed request: answer instead of dropping the connection
+                raise HubError(400, f"Bad request: {bug!r}") from bug
         except HubError as error:
             status, payload = error.status, json.dumps({"error": error.message}).encode()
             headers = {"Content-Type": "application/json", "X-Error-Message": error.message}
