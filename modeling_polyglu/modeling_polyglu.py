@@ -278,17 +278,22 @@ def gumbel_noise(shape, device, generator: Optional[torch.Generator] = None) -> 
     return -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1.0 - 1e-7)))
 
 
-def preference_logits(activations, preferred: Optional[str], strength: float) -> torch.Tensor:
-    """[K] logit bias: `strength` on the preferred activation, 0 elsewhere (all 0 when None)."""
-    bias = torch.zeros(len(activations))
-    if preferred is not None:
-        if preferred not in activations:
-            raise ValueError(
-                f"router_init_activation={preferred!r} is not in this layer's activations {list(activations)}; "
-                "pick one of them or leave it unset."
-            )
-        bias[list(activations).index(preferred)] = strength
-    return bias
+def preference_logits(activations, preferred: Optional[str], strength: float) -> list[float]:
+    """[K] logit bias: `strength` on the preferred activation, 0 elsewhere (all 0 when None).
+
+    A list, not a tensor: routers are built on the meta device by from_pretrained, and their initial values must
+    still be available when missing parameters are initialised.
+    """
+    if preferred is not None and preferred not in activations:
+        raise ValueError(
+            f"router_init_activation={preferred!r} is not in this layer's activations {list(activations)}; "
+            "pick one of them or leave it unset."
+        )
+    return [float(strength) if name == preferred else 0.0 for name in activations]
+
+
+def _like(values: list[float], parameter: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=parameter.dtype, device=parameter.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,14 +312,10 @@ class PolyGLURouter(nn.Module):
         self.beta = nn.Parameter(torch.ones(self.num_activations))
         self.proj_in = nn.Linear(config.hidden_size, config.router_hidden_size)
         self.proj_out = nn.Linear(config.router_hidden_size, self.num_activations)
-        self.register_buffer(
-            "initial_preference",
-            preference_logits(activations, config.router_init_activation, config.router_init_strength),
-            persistent=False,
-        )
+        self.preference = preference_logits(activations, config.router_init_activation, config.router_init_strength)
 
     def initialize_parameters(self, initializer_range: float):
-        init.copy_(self.alpha, self.initial_preference.to(self.alpha.dtype).expand_as(self.alpha))
+        init.copy_(self.alpha, _like(self.preference, self.alpha).expand_as(self.alpha))
         init.ones_(self.beta)
         for linear in (self.proj_in, self.proj_out):
             init.normal_(linear.weight, mean=0.0, std=initializer_range)
@@ -355,15 +356,11 @@ class TokenRouter(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(len(activations), config.hidden_size))
         self.bias = nn.Parameter(torch.zeros(len(activations)))
-        self.register_buffer(
-            "initial_preference",
-            preference_logits(activations, config.router_init_activation, config.router_init_strength),
-            persistent=False,
-        )
+        self.preference = preference_logits(activations, config.router_init_activation, config.router_init_strength)
 
     def initialize_parameters(self, initializer_range: float):
         init.normal_(self.weight, mean=0.0, std=initializer_range)
-        init.copy_(self.bias, self.initial_preference.to(self.bias.dtype))
+        init.copy_(self.bias, _like(self.preference, self.bias))
 
     def forward(self, hidden_states, routing_context=None, cache=None, layer_idx=None):
         logits = F.linear(hidden_states.float(), self.weight.float(), self.bias.float())
@@ -376,14 +373,10 @@ class StaticRouter(nn.Module):
     def __init__(self, config: PolyGLUConfig, activations):
         super().__init__()
         self.logits = nn.Parameter(torch.zeros(len(activations)))
-        self.register_buffer(
-            "initial_preference",
-            preference_logits(activations, config.router_init_activation, config.router_init_strength),
-            persistent=False,
-        )
+        self.preference = preference_logits(activations, config.router_init_activation, config.router_init_strength)
 
     def initialize_parameters(self, initializer_range: float):
-        init.copy_(self.logits, self.initial_preference.to(self.logits.dtype))
+        init.copy_(self.logits, _like(self.preference, self.logits))
 
     def forward(self, hidden_states, routing_context=None, cache=None, layer_idx=None):
         return self.logits.float().view(1, 1, 1, -1), None
@@ -396,13 +389,12 @@ class LearnedCoefficients(nn.Module):
         super().__init__()
         self.coefficients = nn.Parameter(torch.zeros(len(activations)))
         preferred = config.router_init_activation
-        initial = preference_logits(activations, preferred, 1.0)
+        self.initial_coefficients = preference_logits(activations, preferred, 1.0)
         if preferred is None:
-            initial = torch.full((len(activations),), 1.0 / len(activations))
-        self.register_buffer("initial_coefficients", initial, persistent=False)
+            self.initial_coefficients = [1.0 / len(activations)] * len(activations)
 
     def initialize_parameters(self, initializer_range: float):
-        init.copy_(self.coefficients, self.initial_coefficients.to(self.coefficients.dtype))
+        init.copy_(self.coefficients, _like(self.initial_coefficients, self.coefficients))
 
     def forward(self, hidden_states, routing_context=None, cache=None, layer_idx=None):
         return self.coefficients.float().view(1, 1, 1, -1), None
@@ -767,7 +759,9 @@ class PolyGLUModel(PolyGLUPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if use_cache is None:
+            # a cache is useless in training, and without one packed rows are seen as separate documents
+            use_cache = self.config.use_cache and not self.training
         if self.gradient_checkpointing and self.training:
             use_cache = False
         kwargs.pop("return_dict", None)
