@@ -21,3 +21,24 @@ def build_char_tokenizer(texts, extra_special_tokens=()) -> PreTrainedTokenizerF
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, additional_special_tokens=list(extra_special_tokens), **SPECIAL_TOKENS
     )
+
+
+# ChatML, as Qwen3 uses; {% generation %} marks the assistant tokens for TRL's assistant-only loss
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_chat_tokenizer(texts) -> PreTrainedTokenizerFast:
+    """A character tokenizer with ChatML special tokens and chat template; <|im_end|> ends a turn (eos)."""
+    tokenizer = build_char_tokenizer(list(texts) + ["\nuserassistantsystem"], extra_special_tokens=("<|im_start|>", "<|im_end|>"))
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.eos_token = "<|im_end|>"
+    return tokenizer

@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo_parser(subparsers)
     _add_convert_parsers(subparsers)
+    subparsers.add_parser(
+        "sft", add_help=False,
+        help="Fine-tune with TRL's SFTTrainer plus routing monitoring (`polyglu sft --help` lists the arguments).",
+    )
     return parser
 
 
@@ -117,6 +121,11 @@ def _interrupt_on_sigterm(signum, frame):
 def main(argv=None) -> int:
     from .atomic_output import DestinationExistsError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sft"]:  # TRL's own parser takes every remaining argument (and --config YAML files)
+        from .sft import main as sft_main
+
+        return sft_main(argv[1:])
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         # a terminated run unwinds like Ctrl-C, so staged output is removed on the way out

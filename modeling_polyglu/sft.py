@@ -1,0 +1,136 @@
+"""`polyglu sft`: supervised fine-tuning of PolyGLU-family models with TRL, with routing monitoring.
+
+Arguments are TRL's (ScriptArguments, SFTConfig, ModelConfig) plus :class:`RoutingArguments`, parsed by TrlParser, so
+`--config recipes/<recipe>.yaml` works as with `trl sft`. Differences from `trl sft`:
+
+* local data: `--dataset_name` may be a JSONL file or a directory of JSON/JSONL files (loaded with
+  `load_dataset("json", data_files=...)`, which works offline; a bare path would be looked up on the Hub);
+* without CUDA the defaults become `use_cpu=True, bf16=False` (TRL's bf16 default raises on a CPU);
+* router parameters are never weight-decayed; `--use_peft` puts LoRA on every attention/FFN projection and trains the
+  routers in full (`modules_to_save=["router"]`, saved in the adapter);
+* a held-out probe slice (`--routing_probe_size` examples) is removed from the training data and used by the routing
+  monitor; its report and plots land in `--output_dir`.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+
+def build_parser():
+    from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
+
+    from .training import RoutingArguments
+
+    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, RoutingArguments), prog="polyglu sft")
+    defaults = {"report_to": "none", "save_strategy": "no", "logging_steps": 10}
+    if not torch.cuda.is_available():
+        defaults.update(use_cpu=True, bf16=False)
+    parser.set_defaults(**defaults)
+    return parser
+
+
+def load_training_dataset(name_or_path: str, config_name=None):
+    """A DatasetDict from a local JSON/JSONL file or directory, or from the Hub by name."""
+    from datasets import load_dataset
+
+    path = Path(name_or_path)
+    if path.is_file():
+        return load_dataset("json", data_files={"train": str(path)})
+    if path.is_dir():
+        files = sorted(str(p) for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
+        if not files:
+            raise ValueError(f"{path}: no .json or .jsonl files found.")
+        splits = {}
+        for file in files:
+            split = "test" if Path(file).stem in ("test", "eval", "validation") else "train"
+            splits.setdefault(split, []).append(file)
+        return load_dataset("json", data_files=splits)
+    return load_dataset(name_or_path, name=config_name)
+
+
+def _split_probe(dataset, script_args, routing_args, seed: int):
+    """(train, eval_or_None, probe_examples): the probe is the eval split's head, or held out from train."""
+    train = dataset[script_args.dataset_train_split]
+    evaluation = dataset[script_args.dataset_test_split] if script_args.dataset_test_split in dataset else None
+    size = routing_args.routing_probe_size if routing_args.routing_monitor_steps > 0 else 0
+    if size <= 0:
+        return train, evaluation, []
+    if evaluation is not None and len(evaluation) >= size:
+        return train, evaluation, [evaluation[i] for i in range(size)]
+    if len(train) <= size:
+        raise ValueError(f"The training set has {len(train)} examples, too few to hold out {size} for the routing probe.")
+    parts = train.train_test_split(test_size=size, seed=seed, shuffle=True)
+    return parts["train"], evaluation, list(parts["test"])
+
+
+def load_model_and_tokenizer(model_args, training_args):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import modeling_polyglu  # noqa: F401  registers the Auto classes
+
+    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=dtype,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    return model, tokenizer
+
+
+def run_sft(script_args, training_args, model_args, routing_args):
+    """Fine-tune and save; returns the trainer (its routing monitor, if any, as `trainer.routing_monitor`)."""
+    from .peft_utils import lora_config_for
+    from .routing_stats import unwrap_polyglu_model
+    from .training import PolyGLUSFTTrainer, add_routing_callbacks, tokenize_probe
+
+    dataset = load_training_dataset(script_args.dataset_name, script_args.dataset_config)
+    train, evaluation, probe_examples = _split_probe(dataset, script_args, routing_args, training_args.seed)
+    model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+    unwrap_polyglu_model(model)  # a clear error now if this is not a PolyGLU-family model
+    peft_config = None
+    if model_args.use_peft:
+        peft_config = lora_config_for(
+            model,
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules=model_args.lora_target_modules,
+            modules_to_save=model_args.lora_modules_to_save,
+        )
+    trainer = PolyGLUSFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation if training_args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    probe_ids = tokenize_probe(probe_examples, tokenizer, max_length=training_args.max_length or 512)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trainer.routing_monitor = add_routing_callbacks(trainer, routing_args, probe_ids, pad_token_id)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(training_args.output_dir)
+    return trainer
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    script_args, training_args, model_args, routing_args = parser.parse_args_and_config(args=argv)
+    trainer = run_sft(script_args, training_args, model_args, routing_args)
+    monitor = trainer.routing_monitor
+    if trainer.is_world_process_zero():
+        print(f"Saved the fine-tuned model to {training_args.output_dir}")
+        if monitor is not None and getattr(monitor, "written", None):
+            print("Routing report: " + ", ".join(monitor.written.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""SFT recipe for PolyGLU-family models: the same entry point as `polyglu sft` (see recipes/README.md).
+
+    python recipes/sft.py --config recipes/polyglu_full.yaml
+    accelerate launch --config_file recipes/accelerate/ddp.yaml recipes/sft.py --config recipes/polyglu_lora.yaml
+"""
+
+import sys
+
+from modeling_polyglu.sft import main
+
+if __name__ == "__main__":
+    sys.exit(main())
