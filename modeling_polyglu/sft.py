@@ -82,8 +82,11 @@ def load_model_and_tokenizer(model_args, training_args):
     return model, tokenizer
 
 
-def run_sft(script_args, training_args, model_args, routing_args):
-    """Fine-tune and save; returns the trainer (its routing monitor, if any, as `trainer.routing_monitor`)."""
+def run_sft(script_args, training_args, model_args, routing_args, quiet: bool = False):
+    """Fine-tune and save; returns the trainer (its routing monitor, if any, as `trainer.routing_monitor`).
+
+    `quiet` keeps the console free of per-step log dictionaries (they still reach log_history and report_to).
+    """
     from .peft_utils import lora_config_for
     from .routing_stats import unwrap_polyglu_model
     from .training import PolyGLUSFTTrainer, add_routing_callbacks, tokenize_probe
@@ -110,6 +113,11 @@ def run_sft(script_args, training_args, model_args, routing_args):
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    if quiet:
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
     probe_ids = tokenize_probe(probe_examples, tokenizer, max_length=training_args.max_length or 512)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer.routing_monitor = add_routing_callbacks(trainer, routing_args, probe_ids, pad_token_id)

@@ -1,15 +1,17 @@
-"""LoRA fine-tuning with PEFT, in the spirit of transformers' PeftIntegrationTester, for the routed feed-forward variants.
+"""LoRA fine-tuning with PEFT, in the spirit of transformers' PeftIntegrationTester, for the routed FFN variants.
 
 `modeling_polyglu.peft_utils.lora_config_for(model)` puts LoRA on every attention and FFN projection and trains each
 layer's `mlp.router` in full (`modules_to_save=["router"]`). These tests follow one adapter through its life:
 
 - get_peft_model: LoRA on every projection present, routers trainable, base weights frozen
   [test_get_peft_model_targets_every_projection_and_trains_routers]
-- a few AdamW steps move both the LoRA matrices and the routers, nothing else [test_training_updates_lora_and_router_weights]
+- a few AdamW steps move both the LoRA matrices and the routers, nothing else
+  [test_training_updates_lora_and_router_weights]
 - save_pretrained: the adapter file carries the trained router tensors, adapter_config.json says CAUSAL_LM
   [test_saved_adapter_contains_router_tensors]
 - reload onto the saved base model with PeftModel.from_pretrained, and with AutoPeftModelForCausalLM through remote code
-  [test_peft_model_from_pretrained_reproduces_trained_logits, test_auto_peft_model_with_remote_code_reproduces_trained_logits]
+  [test_peft_model_from_pretrained_reproduces_trained_logits,
+  test_auto_peft_model_with_remote_code_reproduces_trained_logits]
 - merge_and_unload: a plain model with the trained routers, saved with its code and loadable without the package
   [test_merge_and_unload_gives_plain_model_with_trained_logits]
 
@@ -80,6 +82,13 @@ def expected_targets(ffn_type) -> set:
     return set(ATTENTION_PROJECTIONS) | set(ffn)
 
 
+def build(ffn_type) -> PolyGLUForCausalLM:
+    # routing_noise="none": polyglu's Gumbel noise would make training (and its effect) non-deterministic.
+    # dynamic_geglu keeps its initial gate: randomized scale/bias saturate sigmoid(s·‖LayerNorm(x)‖ + b)
+    # (‖·‖ ≈ √d) at 0 or 1, where training the gate barely changes the function.
+    return tiny_model(0, randomize=ffn_type != "dynamic_geglu", ffn_type=ffn_type, routing_noise="none")
+
+
 def eval_logits(model, input_ids=EVAL_IDS) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
@@ -125,8 +134,7 @@ def trained(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"peft-{ffn_type}")
     base_dir, adapter_dir = root / "base", root / "adapter"
 
-    # routing_noise="none": polyglu's Gumbel noise would make training (and its effect) non-deterministic
-    base = tiny_model(0, ffn_type=ffn_type, routing_noise="none")
+    base = build(ffn_type)
     base.save_pretrained(base_dir)
     base_logits = eval_logits(base)
 
@@ -174,7 +182,7 @@ def trained(request, tmp_path_factory):
 
 @pytest.mark.parametrize("ffn_type", FFN_TYPES_UNDER_TEST)
 def test_get_peft_model_targets_every_projection_and_trains_routers(ffn_type):
-    model = tiny_model(0, ffn_type=ffn_type, routing_noise="none")
+    model = build(ffn_type)
     config = lora_config_for(model)
     assert str(config.task_type) in ("CAUSAL_LM", "TaskType.CAUSAL_LM")
     assert set(config.target_modules) == expected_targets(ffn_type)
