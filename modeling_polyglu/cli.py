@@ -103,11 +103,35 @@ def _run_convert_polychromatic(args) -> int:
     return 0
 
 
+def _add_inspect_parser(subparsers):
+    parser = subparsers.add_parser(
+        "inspect",
+        help="Routing statistics and plots of a saved checkpoint (the routing it applies, not softmax(α)).",
+        description="Measures the applied routing of a checkpoint on probe text; writes routing_report.json and a heatmap.",
+    )
+    parser.add_argument("model_dir", help="a saved PolyGLU-family checkpoint directory")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--text", help="text file, one probe example per line")
+    source.add_argument("--dataset", help="JSONL file/dir (messages, prompt/completion or text) or a Hub dataset name")
+    parser.add_argument("--output-dir", help="where to write the report (default: MODEL_DIR/routing_inspect)")
+    parser.add_argument("--limit", type=int, default=64, help="number of probe examples (default 64)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="load with the checkpoint's own code")
+    parser.set_defaults(handler=_run_inspect)
+
+
+def _run_inspect(args) -> int:
+    from .inspect_routing import inspect_checkpoint
+
+    inspect_checkpoint(args.model_dir, args.text, args.dataset, args.output_dir, args.limit, trust_remote_code=args.trust_remote_code)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polyglu", description="Activation-mixing feed-forward layers for Qwen3-style models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo_parser(subparsers)
     _add_convert_parsers(subparsers)
+    _add_inspect_parser(subparsers)
     subparsers.add_parser(
         "sft", add_help=False,
         help="Fine-tune with TRL's SFTTrainer plus routing monitoring (`polyglu sft --help` lists the arguments).",
@@ -130,7 +154,11 @@ def main(argv=None) -> int:
     if argv[:1] == ["sft"]:  # TRL's own parser takes every remaining argument (and --config YAML files)
         from .sft import main as sft_main
 
-        return sft_main(argv[1:])
+        try:
+            return sft_main(argv[1:])
+        except ValueError as error:
+            print(f"polyglu sft: error: {error}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         # a terminated run unwinds like Ctrl-C, so staged output is removed on the way out

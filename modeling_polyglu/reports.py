@@ -37,7 +37,7 @@ def plot_usage_heatmap(metrics: dict, path: Path, title: str) -> Optional[Path]:
     layers, activations, rows = usage_table(metrics)
     if not layers:
         return None
-    figure, axis = plt.subplots(figsize=(1.2 + 1.1 * len(activations), 1.0 + 0.35 * len(layers)))
+    figure, axis = plt.subplots(figsize=(2.4 + 1.1 * len(activations), 1.4 + 0.4 * len(layers)))
     image = axis.imshow(rows, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
     axis.set_xticks(range(len(activations)), activations)
     axis.set_yticks(range(len(layers)), [f"layer {layer}" for layer in layers])

@@ -1,7 +1,9 @@
 """The `polyglu` command: the demo end to end, clear errors, and outputs that appear whole or not at all."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -9,16 +11,19 @@ from modeling_polyglu.atomic_output import DestinationExistsError, atomic_direct
 from modeling_polyglu.cli import main
 
 
-def test_demo_trains_generates_saves_and_reloads(tmp_path, capsys):
+def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     destination = tmp_path / "demo"
-    assert main(["demo", "--steps", "40", "--output-dir", str(destination), "--ffn-type", "polyglu"]) == 0
+    assert main(["demo", "--pretrain-steps", "60", "--sft-steps", "16", "--output-dir", str(destination)]) == 0
     printed = capsys.readouterr().out
-    assert "KV cache equal recomputation" in printed
-    assert "max |Δlogit| = 0.00e+00" in printed
-    losses = [line for line in printed.splitlines() if line.startswith("Held-out loss")]
-    before, after = [float(word.rstrip(",.")) for word in losses[0].split() if word[0].isdigit()]
-    assert after < before - 0.5  # it learned something in 40 steps
-    assert (destination / "model.safetensors").is_file() and (destination / "tokenizer.json").is_file()
+    summary = json.loads((destination / "demo_summary.json").read_text())
+    assert summary["held_out_loss_after"] < summary["held_out_loss_before"] - 0.5  # SFT taught the chat format
+    assert summary["retrofit_mean_kl"] <= 1e-4
+    assert summary["fresh_process_module"].startswith("transformers_modules.")
+    assert 0.0 <= summary["routing_final"]["routing/entropy"] <= 1.0
+    for path in summary["report_files"].values():
+        assert Path(path).is_file()
+    assert "held-out accuracy" in printed and "routing: entropy" in printed
+    assert (destination / "sft" / "model.safetensors").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
@@ -26,7 +31,7 @@ def test_existing_destination_is_refused_in_one_line(tmp_path):
     destination = tmp_path / "taken"
     destination.mkdir()
     completed = subprocess.run(
-        [sys.executable, "-m", "modeling_polyglu.cli", "demo", "--output-dir", str(destination), "--steps", "1"],
+        [sys.executable, "-m", "modeling_polyglu.cli", "demo", "--output-dir", str(destination), "--sft-steps", "1"],
         capture_output=True,
         text=True,
     )

@@ -1,0 +1,183 @@
+"""Training with TRL: router hygiene (no weight decay, fp32, τ schedule) and the routing monitor end to end.
+
+Every run is a real `polyglu sft` (TRL SFTTrainer) on a tiny converted model and a local JSONL chat dataset.
+"""
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from modeling_polyglu import PolyGLUForCausalLM
+from modeling_polyglu.char_tokenizer import build_chat_tokenizer
+from modeling_polyglu.cli import main
+from modeling_polyglu.qwen3_conversion import convert_qwen3
+from modeling_polyglu.routing_stats import routing_alerts
+from modeling_polyglu.sft import build_parser, run_sft
+from modeling_polyglu.training import PolyGLUSFTTrainer, RoutingArguments, tau_at
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A converted tiny PolyGLU model (routers unbiased, so routing can move) and a chat dataset."""
+    root = tmp_path_factory.mktemp("sft")
+    tokenizer = build_chat_tokenizer(["0123456789+=? whatis"])
+    torch.manual_seed(0)
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    ))
+    qwen3.save_pretrained(root / "qwen3")
+    tokenizer.save_pretrained(root / "qwen3")
+    for ffn_type in ("polyglu", "moa"):
+        convert_qwen3(root / "qwen3", root / ffn_type, ffn_type, router_init_activation=None, verify=False, log=lambda *a: None)
+    rng = random.Random(0)
+    with open(root / "data.jsonl", "w") as handle:
+        for _ in range(96):
+            a, b = rng.randint(0, 20), rng.randint(0, 20)
+            handle.write(json.dumps({"messages": [{"role": "user", "content": f"what is {a}+{b}?"},
+                                                  {"role": "assistant", "content": str(a + b)}]}) + "\n")
+    return root
+
+
+def sft(workspace, output_dir, *extra, model="polyglu"):
+    parser = build_parser()
+    arguments = [
+        "--model_name_or_path", str(workspace / model), "--dataset_name", str(workspace / "data.jsonl"),
+        "--output_dir", str(output_dir), "--max_steps", "4", "--per_device_train_batch_size", "8",
+        "--learning_rate", "5e-3", "--routing_monitor_steps", "2", "--routing_probe_size", "8", "--logging_steps", "1",
+        "--disable_tqdm", "true", *extra,
+    ]
+    return run_sft(*parser.parse_args_and_config(args=arguments), quiet=True)
+
+
+def test_router_parameters_are_never_weight_decayed(workspace, tmp_path):
+    trainer = sft(workspace, tmp_path / "out", "--max_steps", "1", "--weight_decay", "0.1", "--routing_monitor_steps", "0")
+    optimizer = trainer.create_optimizer()
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    decayed = [names[id(p)] for group in optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]]
+    exempt = [names[id(p)] for group in optimizer.param_groups if group["weight_decay"] == 0 for p in group["params"]]
+    assert decayed and all(".router." not in name for name in decayed)
+    assert any(name.endswith("router.alpha") for name in exempt) and any("router.proj_in.weight" in name for name in exempt)
+    assert any(name.endswith("mlp.up_proj.weight") for name in decayed)
+
+
+def test_router_parameters_are_not_decayed_under_peft_either(workspace, tmp_path):
+    trainer = sft(workspace, tmp_path / "out", "--max_steps", "1", "--use_peft", "--lora_r", "4", "--routing_monitor_steps", "0")
+    assert isinstance(trainer, PolyGLUSFTTrainer)
+    optimizer = trainer.create_optimizer()
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    decayed = [names[id(p)] for group in optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]]
+    trained_routers = [n for n, p in trainer.model.named_parameters() if ".router." in n and p.requires_grad]
+    assert trained_routers and not [name for name in decayed if ".router." in name]
+
+
+def test_monitor_logs_through_trainer_log_and_writes_the_report(workspace, tmp_path):
+    output = tmp_path / "out"
+    trainer = sft(workspace, output, "--report_to", "tensorboard")
+    history = trainer.state.log_history
+    monitored = [entry for entry in history if "routing/entropy" in entry]
+    assert [entry["step"] for entry in monitored] == [0, 2, 4]
+    assert all(0.0 <= entry["routing/entropy"] <= 1.0 for entry in monitored)
+    assert "routing/flip_rate" not in monitored[0] and "routing/kl_from_initial" in monitored[-1]
+    for key in ("routing/layer_0/usage_argmax/silu", "routing/layer_1/usage_mean/gelu", "routing/static_alpha_entropy", "routing/nonfinite"):
+        assert key in monitored[-1]
+    report = json.loads((output / "routing_report.json").read_text())
+    assert [entry["step"] for entry in report["history"]] == [0, 2, 4]
+    assert 0.0 < report["monitor_overhead"] < 1.0
+    for name in ("routing_usage_heatmap.png", "routing_entropy.png", "routing_flip_rate.png", "routing_kl.png",
+                 "routing_initial_snapshot.safetensors", "routing_initial_metrics.json"):
+        assert (output / name).is_file(), name
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert events and b"routing/entropy" in b"".join(path.read_bytes() for path in events)
+
+
+def test_routing_moves_and_the_monitor_sees_it(workspace, tmp_path):
+    trainer = sft(workspace, tmp_path / "out", "--max_steps", "6", "--learning_rate", "3e-2", model="moa")
+    final = [entry for entry in trainer.state.log_history if "routing/kl_from_initial" in entry][-1]
+    assert final["routing/kl_from_initial"] > 0.0
+    model = PolyGLUForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.model.layers[0].mlp.router.weight.dtype == torch.float32
+
+
+def test_resumed_run_compares_against_the_original_start(workspace, tmp_path):
+    output = tmp_path / "out"
+    sft(workspace, output, "--save_strategy", "steps", "--save_steps", "4")
+    initial = json.loads((output / "routing_initial_metrics.json").read_text())
+    snapshot_bytes = (output / "routing_initial_snapshot.safetensors").read_bytes()
+    resumed = sft(workspace, output, "--max_steps", "6", "--save_strategy", "no",
+                  "--resume_from_checkpoint", str(output / "checkpoint-4"))
+    assert json.loads((output / "routing_initial_metrics.json").read_text()) == initial
+    assert (output / "routing_initial_snapshot.safetensors").read_bytes() == snapshot_bytes
+    first_after_resume = [entry for entry in resumed.state.log_history if "routing/entropy" in entry and entry["step"] >= 4][0]
+    assert first_after_resume["routing/kl_from_initial"] > 0.0  # measured against step 0, not the checkpoint
+
+
+def test_tau_schedule_anneals_and_the_final_tau_is_saved(workspace, tmp_path):
+    output = tmp_path / "out"
+    seen = []
+    trainer = sft(workspace, output, "--routing_tau_schedule", "linear", "--routing_tau_start", "1.0",
+                  "--routing_tau_end", "0.1", "--routing_monitor_steps", "0")
+    assert json.loads((output / "config.json").read_text())["routing_tau"] == pytest.approx(0.1)
+    assert trainer.model.config.routing_tau == pytest.approx(0.1)
+    seen = [tau_at(p, 1.0, 0.1, "linear") for p in (0.0, 0.5, 1.0)]
+    assert seen == pytest.approx([1.0, 0.55, 0.1])
+    assert tau_at(0.5, 1.0, 0.1, "cosine") == pytest.approx(0.55)
+    assert tau_at(0.25, 1.0, 0.1, "cosine") > tau_at(0.25, 1.0, 0.1, "linear")
+
+
+def test_fixed_tau_keeps_the_checkpoint_value(workspace, tmp_path):
+    sft(workspace, tmp_path / "out", "--routing_monitor_steps", "0")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["routing_tau"] == 1.0
+
+
+def test_alerts_fire_and_can_stop_training(workspace, tmp_path):
+    with pytest.warns(UserWarning, match="Routing alert"):
+        trainer = sft(workspace, tmp_path / "out", "--max_steps", "8", "--routing_flip_rate_threshold", "-1",
+                      "--routing_stop_on_alert", "true")
+    assert trainer.state.global_step == 2
+    report = json.loads((tmp_path / "out" / "routing_report.json").read_text())
+    assert report["alerts"] and report["alerts"][0]["kind"] == "flip_rate"
+
+
+def test_alert_rules():
+    initial = {"routing/layer_0/usage_argmax/silu": 0.6, "routing/layer_0/usage_argmax/relu": 0.4}
+    collapsed = {"routing/layer_0/usage_argmax/silu": 0.995, "routing/layer_0/usage_argmax/relu": 0.005,
+                 "routing/layer_0/flip_rate": 0.7, "routing/layer_0/nonfinite": 3.0}
+    kinds = [kind for kind, _ in routing_alerts(collapsed, initial)]
+    assert kinds == ["collapse", "flip_rate", "nonfinite"]
+    assert routing_alerts(collapsed, collapsed | {"routing/layer_0/flip_rate": 0.0, "routing/layer_0/nonfinite": 0.0},
+                          flip_rate_threshold=0.9)[0][0] == "nonfinite"  # already collapsed at the start: no collapse alert
+
+
+def test_packing_padding_free_and_assistant_only_loss(workspace, tmp_path):
+    trainer = sft(workspace, tmp_path / "out", "--packing", "true", "--padding_free", "true", "--assistant_only_loss", "true",
+                  "--max_length", "64")
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses and all(loss == loss and loss < 10 for loss in losses)
+
+
+def test_routing_arguments_are_validated():
+    with pytest.raises(ValueError, match="routing_tau_schedule='sometimes'; choose one of fixed, linear, cosine"):
+        RoutingArguments(routing_tau_schedule="sometimes")
+    with pytest.raises(ValueError, match="routing_tau_end must be > 0"):
+        RoutingArguments(routing_tau_end=0.0)
+
+
+def test_sft_rejects_a_model_that_is_not_polyglu(workspace, tmp_path, capsys):
+    code = main(["sft", "--model_name_or_path", str(workspace / "qwen3"), "--dataset_name", str(workspace / "data.jsonl"),
+                 "--output_dir", str(tmp_path / "out"), "--max_steps", "1"])
+    assert code == 2
+    assert "not a PolyGLU-family model" in capsys.readouterr().err
+
+
+def test_inspect_reports_any_checkpoint(workspace, tmp_path, capsys):
+    text = tmp_path / "probe.txt"
+    text.write_text("what is 1+2?\nwhat is 12+9?\n")
+    assert main(["inspect", str(workspace / "polyglu"), "--text", str(text), "--output-dir", str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report" / "routing_report.json").read_text())
+    assert report["probe_examples"] == 2 and 0.0 <= report["final"]["routing/entropy"] <= 1.0
+    assert (tmp_path / "report" / "routing_usage_heatmap.png").is_file()
