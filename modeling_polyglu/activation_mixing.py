@@ -23,6 +23,8 @@ This file is part of the remote code saved next to a checkpoint: it imports only
 """
 
 import math
+import os
+import warnings
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -107,8 +109,12 @@ def _check_inputs(gate, activations, static_logits, token_logits, normalization)
 
 
 def _logits_slice(static_logits, token_logits, k):
-    """The (unscaled) logit or coefficient of activation k, broadcastable to [B, T, F] (or None if fixed)."""
-    parts = [t[..., k] for t in (static_logits, token_logits) if t is not None]
+    """The (unscaled) logit or coefficient of activation k, broadcastable to [B, T, F] (or None if fixed).
+
+    Inside the kernels the logits are K-major ([K, S, 1, F] and [K, B, T, 1]): slice k is then contiguous along
+    d_ff, which lets Inductor vectorise the loops (a K-last layout makes every load strided and the code scalar).
+    """
+    parts = [t[k] for t in (static_logits, token_logits) if t is not None]
     if not parts:
         return None
     return parts[0] if len(parts) == 1 else parts[0] + parts[1]
@@ -139,7 +145,7 @@ def _softmax_weights(static_logits, token_logits, num_activations, tau, hard):
 
 
 def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Sum a [B, T, F] gradient over the dimensions that ``like`` ([*, *, *]) broadcasts."""
+    """Sum a [K, B, T, F] gradient over the dimensions that ``like`` ([K, S, 1, F] or [K, B, T, 1]) broadcasts."""
     dims = [d for d in range(grad.dim()) if like.shape[d] == 1 and grad.shape[d] != 1]
     return grad.sum(dim=dims, keepdim=True) if dims else grad
 
@@ -163,66 +169,126 @@ def _mix_forward(gate, static_logits, token_logits, activations, tau, normalizat
     return mixed
 
 
+def _mix_backward(grad_out, gate, up, static_logits, token_logits, activations, tau, normalization, hard, needs):
+    """Gradients w.r.t. (gate, up, static_logits, token_logits), recomputing activations and weights.
+
+    The elementwise part runs as one kernel that also writes the per-activation coefficient gradients [K, B, T, F];
+    their reductions to the logits' shapes run afterwards. (Fusing the reductions into the kernel makes Inductor
+    recompute the whole elementwise chain once per reduction, several times slower.)
+    """
+    needs_coefficients = (static_logits is not None and needs[2]) or (token_logits is not None and needs[3])
+    grad_gate, grad_up, grad_coef = _call_kernel(
+        "backward_elementwise", _mix_backward_elementwise, gate.device.type,
+        grad_out, gate, up, static_logits, token_logits, activations, tau, normalization, hard,
+        needs[:2] + (needs_coefficients,),
+    )
+    grad_static = grad_token = None
+    if grad_coef is not None:
+        if static_logits is not None and needs[2]:
+            grad_static = _reduce_to(grad_coef, static_logits).to(static_logits.dtype)
+        if token_logits is not None and needs[3]:
+            grad_token = _reduce_to(grad_coef, token_logits).to(token_logits.dtype)
+    return grad_gate, grad_up, grad_static, grad_token
+
+
+def _mix_backward_elementwise(grad_out, gate, up, static_logits, token_logits, activations, tau, normalization, hard, needs):
+    pairs = [ACTIVATIONS[name] for name in activations]
+    num = len(pairs)
+    grad_mixed = grad_out if up is None else grad_out * up
+    fixed = static_logits is None and token_logits is None
+    if fixed:
+        weights = soft = [None]
+    elif normalization == "linear":
+        weights = soft = [_logits_slice(static_logits, token_logits, k) for k in range(num)]
+    else:
+        weights, soft = _softmax_weights(static_logits, token_logits, num, tau, hard)
+
+    values = [pair.function(gate) for pair in pairs]
+    slope = mixed = None
+    for k, pair in enumerate(pairs):
+        w = weights[k]
+        term_slope = pair.derivative(gate) if w is None else w * pair.derivative(gate)
+        slope = term_slope if slope is None else slope + term_slope
+        if needs[1]:
+            term = values[k] if w is None else w * values[k]
+            mixed = term if mixed is None else mixed + term
+    grad_gate = (grad_mixed * slope).to(gate.dtype) if needs[0] else None
+    grad_up = (grad_out * mixed.to(gate.dtype)).to(up.dtype) if up is not None and needs[1] else None
+
+    grad_coef = None
+    if not fixed and needs[2]:
+        if normalization == "linear":
+            grad_coef = [grad_mixed * values[k] for k in range(num)]
+        else:
+            # d/dz_k of Σ_j softmax_j(z) φ_j = w_k (φ_k - Σ_j w_j φ_j); straight-through uses the soft weights
+            soft_mixed = soft[0] * values[0]
+            for k in range(1, num):
+                soft_mixed = soft_mixed + soft[k] * values[k]
+            grad_coef = [grad_mixed * soft[k] * (values[k] - soft_mixed) / tau for k in range(num)]
+        grad_coef = torch.stack(grad_coef)  # [K, B, T, F], float32 or wider
+    return grad_gate, grad_up, grad_coef
+
+
+def _mix_forward_output(gate, up, static_logits, token_logits, activations, tau, normalization, hard):
+    mixed = _mix_forward(gate, static_logits, token_logits, activations, tau, normalization, hard).to(gate.dtype)
+    return mixed if up is None else mixed * up
+
+
+_COMPILED = {}
+
+
+def compilation_enabled(device_type: str) -> bool:
+    """torch.compile the elementwise kernels? Off with POLYGLU_DISABLE_COMPILE=1, or where Inductor cannot run."""
+    if os.environ.get("POLYGLU_DISABLE_COMPILE", "0") not in ("", "0"):
+        return False
+    if device_type not in ("cpu", "cuda") or not hasattr(torch, "compile"):
+        return False
+    return not _COMPILED.get("failed", False)
+
+
+def _kernel(name: str, function, device_type: str):
+    """The compiled `function` when compilation is enabled and works, else `function` itself."""
+    if not compilation_enabled(device_type) or torch.compiler.is_compiling():
+        return function
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(function, dynamic=None)
+    return _COMPILED[name]
+
+
+def _call_kernel(name, function, device_type, *args):
+    kernel = _kernel(name, function, device_type)
+    if kernel is function:
+        return function(*args)
+    try:
+        return kernel(*args)
+    except Exception as error:  # no C++ compiler, unsupported platform, ...: fall back to eager, once and loudly
+        _COMPILED["failed"] = True
+        warnings.warn(f"torch.compile of the activation-mixing kernels failed ({type(error).__name__}: {error}); "
+                      "using the eager implementation.", RuntimeWarning, stacklevel=3)
+        return function(*args)
+
+
 class _MixActivationsFunction(torch.autograd.Function):
     """h = u ⊙ Σ_k c_k φ_k(g); saves g, u and the coefficient tensors only, recomputes the rest in backward."""
 
     @staticmethod
     def forward(ctx, gate, up, static_logits, token_logits, activations, tau, normalization, hard):
-        mixed = _mix_forward(gate, static_logits, token_logits, activations, tau, normalization, hard).to(gate.dtype)
         ctx.save_for_backward(gate, up, static_logits, token_logits)
         ctx.config = (activations, tau, normalization, hard)
-        return mixed if up is None else mixed * up
+        return _call_kernel(
+            "forward", _mix_forward_output, gate.device.type,
+            gate, up, static_logits, token_logits, activations, tau, normalization, hard,
+        )
 
     @staticmethod
     def backward(ctx, grad_out):
         gate, up, static_logits, token_logits = ctx.saved_tensors
         activations, tau, normalization, hard = ctx.config
-        pairs = [ACTIVATIONS[name] for name in activations]
-        num = len(pairs)
-        grad_mixed = grad_out if up is None else grad_out * up
-        grad_up = None
-        fixed = static_logits is None and token_logits is None
-
-        if fixed:
-            weights = soft = [None]
-        elif normalization == "linear":
-            weights = soft = [_logits_slice(static_logits, token_logits, k) for k in range(num)]
-        else:
-            weights, soft = _softmax_weights(static_logits, token_logits, num, tau, hard)
-
-        values = [pair.function(gate) for pair in pairs]
-        slope = None
-        mixed = None
-        for k, pair in enumerate(pairs):
-            w = weights[k]
-            term_slope = pair.derivative(gate) if w is None else w * pair.derivative(gate)
-            slope = term_slope if slope is None else slope + term_slope
-            if ctx.needs_input_grad[1]:
-                term = values[k] if w is None else w * values[k]
-                mixed = term if mixed is None else mixed + term
-        grad_gate = (grad_mixed * slope).to(gate.dtype) if ctx.needs_input_grad[0] else None
-        if up is not None and ctx.needs_input_grad[1]:
-            grad_up = (grad_out * mixed.to(gate.dtype)).to(up.dtype)
-
-        grad_static = grad_token = None
-        if not fixed and (ctx.needs_input_grad[2] or ctx.needs_input_grad[3]):
-            if normalization == "linear":
-                grad_coef = [grad_mixed * values[k] for k in range(num)]
-            else:
-                # d/dz_k of Σ_j softmax_j(z) φ_j = w_k (φ_k - Σ_j w_j φ_j); straight-through uses the soft weights
-                soft_mixed = soft[0] * values[0]
-                for k in range(1, num):
-                    soft_mixed = soft_mixed + soft[k] * values[k]
-                grad_coef = [grad_mixed * soft[k] * (values[k] - soft_mixed) / tau for k in range(num)]
-            if static_logits is not None and ctx.needs_input_grad[2]:
-                like = static_logits[..., 0]
-                grad_static = torch.stack([_reduce_to(g, like) for g in grad_coef], dim=-1).to(static_logits.dtype)
-                grad_static = grad_static.sum_to_size(static_logits.shape)
-            if token_logits is not None and ctx.needs_input_grad[3]:
-                like = token_logits[..., 0]
-                grad_token = torch.stack([_reduce_to(g, like) for g in grad_coef], dim=-1).to(token_logits.dtype)
-                grad_token = grad_token.sum_to_size(token_logits.shape)
-        return grad_gate, grad_up, grad_static, grad_token, None, None, None, None
+        needs = tuple(ctx.needs_input_grad[:4])
+        grads = _mix_backward(
+            grad_out.contiguous(), gate, up, static_logits, token_logits, activations, tau, normalization, hard, needs
+        )
+        return (*grads, None, None, None, None)
 
 
 def mix_activations(
@@ -249,9 +315,8 @@ def mix_activations(
     """
     activations = tuple(activations)
     _check_inputs(gate, activations, static_logits, token_logits, normalization)
-    return _MixActivationsFunction.apply(
-        gate, up, static_logits, token_logits, activations, float(tau), normalization, bool(hard)
-    )
+    k_major = [None if t is None else t.movedim(-1, 0).contiguous() for t in (static_logits, token_logits)]
+    return _MixActivationsFunction.apply(gate, up, *k_major, activations, float(tau), normalization, bool(hard))
 
 
 def mix_activations_naive(

@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_parsers(subparsers)
     _add_inspect_parser(subparsers)
     subparsers.add_parser(
+        "bench", add_help=False,
+        help="Speed and memory ratios against SwiGLU, measured in one process (`polyglu bench --help`).",
+    )
+    subparsers.add_parser(
         "sft", add_help=False,
         help="Fine-tune with TRL's SFTTrainer plus routing monitoring (`polyglu sft --help` lists the arguments).",
     )
@@ -151,6 +155,10 @@ def main(argv=None) -> int:
     from .atomic_output import DestinationExistsError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # the benchmark suite has its own parser
+        from .benchmarking import main as bench_main
+
+        return bench_main(argv[1:])
     if argv[:1] == ["sft"]:  # TRL's own parser takes every remaining argument (and --config YAML files)
         from .sft import main as sft_main
 

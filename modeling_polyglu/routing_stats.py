@@ -61,7 +61,8 @@ def unwrap_polyglu_model(model):
     seen = 0
     while seen < 8:
         seen += 1
-        if hasattr(model, "set_routing_tau") and getattr(getattr(model, "config", None), "model_type", None) == "polyglu":
+        # the class, not the instance: PEFT wrappers forward attribute lookups to the model they wrap
+        if hasattr(type(model), "set_routing_tau") and getattr(getattr(model, "config", None), "model_type", None) == "polyglu":
             return model
         if hasattr(model, "get_base_model"):
             model = model.get_base_model()

@@ -194,13 +194,12 @@ class RoutingMonitorCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         every = self.arguments.routing_monitor_steps
-        if every <= 0 or state.global_step % every != 0:
-            return
-        self._log_and_alert(model, state, control)
+        last_step = state.global_step >= state.max_steps or control.should_training_stop
+        if last_step or (every > 0 and state.global_step % every == 0):
+            # the last measurement happens here, not in on_train_end, where report_to writers are already closed
+            self._log_and_alert(model, state, control)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if self.last_measured_step != state.global_step:
-            self._log_and_alert(model, state, control)
         if self.trainer.is_world_process_zero():
             elapsed = time.perf_counter() - (self.train_started or time.perf_counter())
             extra = {
@@ -213,8 +212,13 @@ class RoutingMonitorCallback(TrainerCallback):
             self.written = write_routing_report(args.output_dir, self.history, extra)
 
     def _log_and_alert(self, model, state, control):
+        if self.last_measured_step == state.global_step:
+            return
         metrics, _ = self._measure(model, state.global_step)
+        # Trainer.log clears control.should_log; keep the step's own loss/lr logging that was scheduled
+        should_log = control.should_log
         self.trainer.log(dict(metrics))
+        control.should_log = should_log
         for kind, message in routing_alerts(
             metrics, self.initial_metrics, self.arguments.routing_collapse_threshold, self.arguments.routing_flip_rate_threshold
         ):
