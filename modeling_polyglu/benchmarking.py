@@ -46,6 +46,7 @@ from .modeling_polyglu import PolyGLUForCausalLM, PolyGLUMLP
 
 SUITES = ("ffn", "step", "decode", "generate")
 RECOMPILE_LIMIT = 64
+SATURATED_ALPHA_STD = 100.0
 _DISABLE_COMPILE_ENV = "POLYGLU_DISABLE_COMPILE"
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,13 +231,23 @@ def _compilation_state(device_type: str = "cpu") -> Optional[bool]:
     return None if check is None else bool(check(device_type))
 
 
+def _perturb(parameters, generator: torch.Generator, std: float = 1.0) -> None:
+    """Add N(0, std²) noise, scaled by 1/sqrt(fan_in) for weight matrices, so logits stay O(1) but input dependent.
+
+    (Logits of O(10²) — e.g. unscaled noise on a d=1024 router — would make the softmax saturate and send exp into
+    its slow underflow path on CPU, measuring that path rather than the layer; the tau=0.1 rows show that case.)
+    """
+    with torch.no_grad():
+        for name, parameter in parameters:
+            scale = std / math.sqrt(parameter.shape[-1]) if parameter.dim() >= 2 and name.endswith("weight") else std
+            noise = torch.randn(parameter.shape, generator=generator) * scale
+            parameter.add_(noise.to(parameter.device, parameter.dtype))
+
+
 def _randomize_routers(module: nn.Module, generator: torch.Generator, std: float = 1.0) -> None:
     """Move every routing parameter (names containing 'router.') away from its initialisation."""
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            if "router." in name or name.startswith("router"):
-                noise = torch.randn(parameter.shape, generator=generator) * std
-                parameter.add_(noise.to(parameter.device, parameter.dtype))
+    _perturb([(name, parameter) for name, parameter in module.named_parameters()
+              if "router." in name or name.startswith("router")], generator, std)
 
 
 def _cpu_name() -> str:
@@ -353,9 +364,9 @@ def _qwen3_mlp(hidden, intermediate, generator) -> nn.Module:
 def _reference_mlp(hidden, intermediate, generator) -> nn.Module:
     module = ReferenceStylePolyGLU(hidden, intermediate)
     _init_linear_weights(module, generator)
-    with torch.no_grad():  # routing away from init (α = 0, β = 1), as for the project's routers
-        for parameter in (module.alpha, module.beta, *module.gate_net.parameters()):
-            parameter.add_(torch.randn(parameter.shape, generator=generator))
+    # routing away from init (α = 0, β = 1), as for the project's routers
+    _perturb([(name, parameter) for name, parameter in module.named_parameters() if not name.startswith("W_")],
+             generator)
     return module
 
 
@@ -377,6 +388,15 @@ def ffn_contender_specs(hidden: int, intermediate: int, generator: torch.Generat
                       _project_mlp(hidden, intermediate, "polyglu", generator, routing_pooling="sequence"), False))
         specs.append(("polyglu[token]", "project PolyGLUMLP, routing_pooling=token",
                       _project_mlp(hidden, intermediate, "polyglu", generator, routing_pooling="token"), False))
+        specs.append(("polyglu[tau=0.1]", "project PolyGLUMLP, routing_tau=0.1 (the released model's τ: sharp routing)",
+                      _project_mlp(hidden, intermediate, "polyglu", generator, routing_tau=0.1), False))
+        for backend in ("fused", "naive"):
+            saturated = _project_mlp(hidden, intermediate, "polyglu", generator, mixing_backend=backend)
+            _perturb([("alpha", saturated.router.alpha)], generator, std=SATURATED_ALPHA_STD)
+            specs.append((f"polyglu[{'naive,' if backend == 'naive' else ''}saturated]",
+                          f"project PolyGLUMLP ({backend}), α perturbed with std {SATURATED_ALPHA_STD:g}: most "
+                          "exp(z - max) of the softmax underflow (routing far sharper than any trained model's)",
+                          saturated, False))
         if _compilation_state("cpu") is not None:
             specs.append(("polyglu[no-compile]", f"project PolyGLUMLP (fused), {_DISABLE_COMPILE_ENV}=1",
                           _project_mlp(hidden, intermediate, "polyglu", generator), True))

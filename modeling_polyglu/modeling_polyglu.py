@@ -367,37 +367,32 @@ class TokenRouter(nn.Module):
         return None, logits.unsqueeze(2)
 
 
-class StaticRouter(nn.Module):
-    """One learned softmax over the activations for the whole layer (DualGLU's learned_static mixing)."""
+class LayerMixingWeights(nn.Module):
+    """One learned vector over the activations for the whole layer, token- and neuron-independent.
 
-    def __init__(self, config: PolyGLUConfig, activations):
+    Softmax logits for DualGLU's learned_static mixing; the plain linear coefficients of LA.
+    """
+
+    def __init__(self, initial: list[float]):
         super().__init__()
-        self.logits = nn.Parameter(torch.zeros(len(activations)))
-        self.preference = preference_logits(activations, config.router_init_activation, config.router_init_strength)
+        self.weights = nn.Parameter(torch.zeros(len(initial)))
+        self.initial = initial
+
+    @classmethod
+    def softmax_logits(cls, config: PolyGLUConfig, activations) -> "LayerMixingWeights":
+        return cls(preference_logits(activations, config.router_init_activation, config.router_init_strength))
+
+    @classmethod
+    def linear_coefficients(cls, config: PolyGLUConfig, activations) -> "LayerMixingWeights":
+        if config.router_init_activation is None:
+            return cls([1.0 / len(activations)] * len(activations))
+        return cls(preference_logits(activations, config.router_init_activation, 1.0))  # one-hot
 
     def initialize_parameters(self, initializer_range: float):
-        init.copy_(self.logits, _like(self.preference, self.logits))
+        init.copy_(self.weights, _like(self.initial, self.weights))
 
     def forward(self, hidden_states, routing_context=None, cache=None, layer_idx=None):
-        return self.logits.float().view(1, 1, 1, -1), None
-
-
-class LearnedCoefficients(nn.Module):
-    """A learned linear combination of the activations, not normalised (LA)."""
-
-    def __init__(self, config: PolyGLUConfig, activations):
-        super().__init__()
-        self.coefficients = nn.Parameter(torch.zeros(len(activations)))
-        preferred = config.router_init_activation
-        self.initial_coefficients = preference_logits(activations, preferred, 1.0)
-        if preferred is None:
-            self.initial_coefficients = [1.0 / len(activations)] * len(activations)
-
-    def initialize_parameters(self, initializer_range: float):
-        init.copy_(self.coefficients, _like(self.initial_coefficients, self.coefficients))
-
-    def forward(self, hidden_states, routing_context=None, cache=None, layer_idx=None):
-        return self.coefficients.float().view(1, 1, 1, -1), None
+        return self.weights.float().view(1, 1, 1, -1), None
 
 
 class DynamicGEGLUGate(nn.Module):
@@ -442,11 +437,11 @@ class StaticEqualMixing(nn.Module):
         pass  # no parameters
 
 
-ROUTER_CLASSES = (PolyGLURouter, TokenRouter, StaticRouter, LearnedCoefficients, DynamicGEGLUGate, StaticEqualMixing)
+ROUTER_CLASSES = (PolyGLURouter, TokenRouter, LayerMixingWeights, DynamicGEGLUGate, StaticEqualMixing)
 
 
 def mixer_spec(config: PolyGLUConfig, ffn_type: str):
-    """(activations, router class or None, normalization, gated) of one layer's feed-forward variant."""
+    """(activations, router factory `(config, activations) -> module` or None, normalization, gated) of one layer."""
     if ffn_type in FIXED_FFN_ACTIVATIONS:
         return (FIXED_FFN_ACTIVATIONS[ffn_type],), None, None, not ffn_type.startswith("mlp_")
     if ffn_type == "polyglu":
@@ -454,9 +449,9 @@ def mixer_spec(config: PolyGLUConfig, ffn_type: str):
     if ffn_type == "moa":
         return tuple(config.activations), TokenRouter, "softmax", config.mixer_form == "gated"
     if ffn_type == "la":
-        return tuple(config.activations), LearnedCoefficients, "linear", config.mixer_form == "gated"
+        return tuple(config.activations), LayerMixingWeights.linear_coefficients, "linear", config.mixer_form == "gated"
     if ffn_type == "dualglu":
-        router = {"dynamic": TokenRouter, "learned_static": StaticRouter, "static_equal": StaticEqualMixing}
+        router = {"dynamic": TokenRouter, "learned_static": LayerMixingWeights.softmax_logits, "static_equal": StaticEqualMixing}
         return DUALGLU_ACTIVATIONS, router[config.dualglu_mixing], "softmax", True
     if ffn_type == "dynamic_geglu":
         return ("gelu",), DynamicGEGLUGate, "linear", True

@@ -128,9 +128,9 @@ def expected_router_initialisation(variant, config) -> dict:
     if ffn_type == "moa" or (ffn_type == "dualglu" and mixing == "dynamic"):
         return {"weight": "normal", "bias": preference}
     if ffn_type == "dualglu" and mixing == "learned_static":
-        return {"logits": preference}
+        return {"weights": preference}
     if ffn_type == "la":
-        return {"coefficients": one_hot if config.router_init_activation is not None else torch.full((k,), 1.0 / k)}
+        return {"weights": one_hot if config.router_init_activation is not None else torch.full((k,), 1.0 / k)}
     if ffn_type == "dynamic_geglu":
         return {
             "scale": torch.tensor([config.dynamic_geglu_scale_init]),

@@ -462,7 +462,7 @@ def test_router_init_activation_makes_la_coefficients_one_hot():
     model = tiny_model(ffn_type="la", randomize=False, router_init_activation="silu")
     for layer in model.model.layers:
         silu_only = F.one_hot(torch.tensor(SILU_INDEX), 4).float()
-        torch.testing.assert_close(layer.mlp.router.coefficients.detach(), silu_only, rtol=0, atol=0)
+        torch.testing.assert_close(layer.mlp.router.weights.detach(), silu_only, rtol=0, atol=0)
 
 
 def test_fresh_polyglu_router_starts_unbiased():

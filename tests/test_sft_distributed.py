@@ -190,7 +190,8 @@ def test_accelerate_configs_load():
 
     from modeling_polyglu import modeling_polyglu as modeling
 
-    configs = {name: load_config_from_file(str(RECIPES / "accelerate" / f"{name}.yaml")) for name in ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")}
+    names = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
+    configs = {name: load_config_from_file(str(RECIPES / "accelerate" / f"{name}.yaml")) for name in names}
     for name, config in configs.items():
         assert config.num_machines == 1 and not config.use_cpu and config.mixed_precision == "bf16", name
     assert configs["ddp"].distributed_type == DistributedType.MULTI_GPU
@@ -252,9 +253,9 @@ def test_ddp_routing_logged_once_per_monitored_step(ddp_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monitored = MONITORED_STEPS
-    # trainer_state.json is written by the step-5 checkpoint, before the end-of-training measurement is logged
+    # the last measurement is taken at the last step, so the step-5 checkpoint's trainer_state.json has it too
     history_steps = [entry["step"] for entry in _log_history(ddp_run) if "routing/entropy" in entry]
-    assert history_steps == monitored[:-1]
+    assert history_steps == monitored
     accumulator = EventAccumulator(str(ddp_run.tensorboard_dir))
     accumulator.Reload()
     assert "train/routing/entropy" in accumulator.Tags()["scalars"]
@@ -265,7 +266,7 @@ def test_ddp_routing_logged_once_per_monitored_step(ddp_run):
     report = json.loads((ddp_run.output_dir / "routing_report.json").read_text())
     assert [entry["step"] for entry in report["history"]] == monitored
     assert report["history"][-1]["metrics"]["routing/entropy"] == report["final"]["routing/entropy"]
-    assert report["alerts"] == [] or all(alert["kind"] in ("collapse", "flip_rate", "nonfinite") for alert in report["alerts"])
+    assert all(alert["kind"] in ("collapse", "flip_rate", "nonfinite") for alert in report["alerts"])
     for name in ("routing_usage_heatmap.png", "routing_entropy.png", "routing_flip_rate.png", "routing_kl.png"):
         assert (ddp_run.output_dir / name).stat().st_size > 0, name
 

@@ -1,0 +1,131 @@
+"""The benchmark suites run end to end at tiny sizes and report well-formed ratios (no timing is asserted)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from modeling_polyglu import FFN_TYPES
+from modeling_polyglu.benchmarking import (
+    SUITES,
+    ReferenceStylePolyGLU,
+    main,
+    run_interleaved,
+    saved_tensor_bytes,
+)
+
+
+def _positive_finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    """Every suite once, --quick, one repetition; compilation of the mixing kernels off to keep this fast."""
+    path = tmp_path_factory.mktemp("bench") / "all.json"
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("POLYGLU_DISABLE_COMPILE", "1")
+        code = main(["--suite", "all", "--quick", "--repeats", "1", "--json", str(path), "--device", "cpu", "--silent"])
+    assert code == 0
+    assert torch.get_num_threads() == threads  # the single-thread setting is restored
+    return json.loads(path.read_text())
+
+
+def test_meta_and_every_suite_present(quick_results):
+    meta = quick_results["meta"]
+    for key in ("date_utc", "cpu", "torch", "transformers", "threads", "quick", "repeats", "warmup"):
+        assert key in meta
+    assert meta["threads"] == 1 and meta["quick"] is True
+    assert set(quick_results["suites"]) == set(SUITES)
+    for suite in quick_results["suites"].values():
+        assert suite["repeats"] == 1 and "description" in suite
+
+
+def test_ffn_rows_cover_every_contender_with_positive_ratios(quick_results):
+    cases = quick_results["suites"]["ffn"]["cases"]
+    assert len(cases) >= 2 and {case["device"] for case in cases} == {"cpu"}
+    for case in cases:
+        rows = {row["contender"]: row for row in case["rows"]}
+        expected = {"qwen3_mlp", "reference_polyglu", "polyglu[naive]", *FFN_TYPES}
+        assert expected <= set(rows)
+        for row in rows.values():
+            for key in ("time_ms", "time_vs_swiglu", "time_vs_qwen3_mlp", "saved_bytes", "saved_vs_qwen3_mlp", "params"):
+                assert _positive_finite(row[key]), (row["contender"], key, row[key])
+            assert len(row["time_samples_ms"]) == 1
+        assert rows["swiglu"]["time_vs_swiglu"] == 1.0
+        assert rows["qwen3_mlp"]["time_vs_qwen3_mlp"] == 1.0 and rows["qwen3_mlp"]["saved_vs_qwen3_mlp"] == 1.0
+        # the fused path never stores the [B, T, F, K] stack; the naive one does (bytes, not time)
+        assert rows["polyglu"]["saved_bytes"] < rows["polyglu[naive]"]["saved_bytes"]
+        assert rows["polyglu"]["saved_bytes"] < rows["reference_polyglu"]["saved_bytes"]
+
+
+def test_model_suites_report_ratios_against_swiglu(quick_results):
+    suites = quick_results["suites"]
+    step = {row["contender"]: row for row in suites["step"]["rows"]}
+    assert set(step) == set(FFN_TYPES) and step["swiglu"]["time_vs_swiglu"] == 1.0
+    for row in step.values():
+        assert _positive_finite(row["time_ms"]) and _positive_finite(row["time_vs_swiglu"])
+    decode = {row["contender"]: row for row in suites["decode"]["rows"]}
+    assert set(decode) == set(FFN_TYPES)
+    for row in decode.values():
+        for key in ("prefill_ms", "prefill_vs_swiglu", "per_token_ms", "per_token_vs_swiglu"):
+            assert _positive_finite(row[key])
+    generate = suites["generate"]["rows"]
+    assert [row["new_tokens"] for row in generate] == sorted(row["new_tokens"] for row in generate)
+    for row in generate:
+        for key in ("cached_s", "no_cache_s", "speedup", "cached_ms_per_token", "no_cache_ms_per_token"):
+            assert _positive_finite(row[key])
+        assert row["tokens_match"] is True  # causal routing: the cache reproduces recomputation
+
+
+def test_markdown_tables_are_printed(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("POLYGLU_DISABLE_COMPILE", "1")
+    path = tmp_path / "ffn.json"
+    args = ["--suite", "ffn", "--quick", "--repeats", "1", "--warmup", "0", "--ffn-types", "polyglu", "--json",
+            str(path), "--device", "cpu", "--silent"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| contender | time ms |" in printed and "| polyglu[naive] |" in printed
+    assert "| qwen3_mlp |" in printed and "| swiglu |" in printed  # baselines are always present
+    assert json.loads(path.read_text())["meta"]["suite"] == "ffn"
+
+
+def test_bad_arguments_exit_with_usage_errors(tmp_path):
+    assert main(["--suite", "ffn", "--repeats", "0", "--json", str(tmp_path / "x.json")]) == 2
+    with pytest.raises(SystemExit):
+        main(["--suite", "nope"])
+    with pytest.raises(SystemExit):
+        main(["--ffn-types", "swiglu,unknown"])
+
+
+def test_saved_bytes_count_activations_once_and_skip_parameters():
+    from transformers import Qwen3Config
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
+
+    batch, tokens, hidden, intermediate = 2, 3, 8, 16
+    mlp = Qwen3MLP(Qwen3Config(hidden_size=hidden, intermediate_size=intermediate))
+    x = torch.randn(batch, tokens, hidden, requires_grad=True)
+    saved = saved_tensor_bytes(lambda: mlp(x), exclude=list(mlp.parameters()))
+    # x (saved by gate_proj and up_proj: once), gate (by SiLU), silu(gate) and up (by the product), the product
+    assert saved == 4 * (batch * tokens * hidden + 4 * batch * tokens * intermediate)
+
+
+def test_reference_style_polyglu_stacks_every_activation():
+    torch.manual_seed(0)
+    module = ReferenceStylePolyGLU(8, 16)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    saved = saved_tensor_bytes(lambda: module(x), exclude=list(module.parameters()))
+    assert module(x).shape == x.shape
+    assert saved >= 4 * (2 * 5 * 16 * 4)  # at least the [B, T, F, K] stack
+
+
+def test_interleaving_runs_every_contender_once_per_repetition():
+    calls = []
+    contenders = {name: (lambda name=name: calls.append(name) or {"seconds": 1.0}) for name in "abc"}
+    samples = run_interleaved(contenders, repeats=3, warmup=1)
+    assert calls[:3] == ["a", "b", "c"]  # warm-up round
+    assert [sorted(calls[i : i + 3]) for i in range(3, 12, 3)] == [["a", "b", "c"]] * 3
+    assert calls[3:6] != calls[6:9]  # the starting contender rotates
+    assert all(metrics["seconds"] == [1.0] * 3 for metrics in samples.values())
