@@ -319,6 +319,25 @@ def mix_activations(
     return _MixActivationsFunction.apply(gate, up, *k_major, activations, float(tau), normalization, bool(hard))
 
 
+def mix_activations_grouped(gate: torch.Tensor, up: Optional[torch.Tensor], activations: tuple[str, ...],
+                            static_logits: torch.Tensor) -> torch.Tensor:
+    """Hard routing whose choice depends on the neuron only (static logits [1, 1, F or 1, K], no token term).
+
+    Neurons are grouped by their chosen activation and each group evaluates that one activation — what hard routing
+    at inference costs when nothing depends on the token. Not differentiable (inference only).
+    """
+    choice = static_logits.reshape(-1, static_logits.shape[-1]).argmax(-1)  # [F] or [1]
+    if choice.numel() == 1:
+        mixed = ACTIVATIONS[activations[int(choice)]].function(gate)
+    else:
+        mixed = torch.empty_like(gate)
+        for k, name in enumerate(activations):
+            neurons = (choice == k).nonzero().squeeze(-1)
+            if neurons.numel():
+                mixed[..., neurons] = ACTIVATIONS[name].function(gate[..., neurons])
+    return mixed if up is None else mixed * up
+
+
 def mix_activations_naive(
     gate: torch.Tensor,
     up: Optional[torch.Tensor],

@@ -35,7 +35,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
-from .activation_mixing import mix_activations, mix_activations_naive, mixing_weights
+from .activation_mixing import mix_activations, mix_activations_grouped, mix_activations_naive, mixing_weights
 from .configuration_polyglu import DUALGLU_ACTIVATIONS, FIXED_FFN_ACTIVATIONS, PolyGLUConfig
 
 logger = logging.get_logger(__name__)
@@ -495,9 +495,13 @@ class PolyGLUMLP(nn.Module):
             static_logits, token_logits = self.router(hidden_states, routing_context, past_key_values, self.layer_idx)
         tau = self.config.routing_tau if self.is_softmax_routed else 1.0
         hard = self.config.routing_hard and self.is_softmax_routed
-        mix = mix_activations if self.config.mixing_backend == "fused" else mix_activations_naive
         normalization = self.normalization or "linear"
-        mixed = mix(pre_activation, up, self.activations, static_logits, token_logits, tau, normalization, hard)
+        if hard and token_logits is None and static_logits.shape[0] == 1 and not torch.is_grad_enabled():
+            # the choice is per neuron (or per layer): evaluate one activation per neuron
+            mixed = mix_activations_grouped(pre_activation, up, self.activations, static_logits)
+        else:
+            mix = mix_activations if self.config.mixing_backend == "fused" else mix_activations_naive
+            mixed = mix(pre_activation, up, self.activations, static_logits, token_logits, tau, normalization, hard)
         output = self.down_proj(mixed)
         if not output_routing_weights:
             return output

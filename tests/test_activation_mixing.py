@@ -112,6 +112,26 @@ def test_temperature_and_hard_routing_behave():
     assert torch.equal(hard, expected)
 
 
+@pytest.mark.parametrize("width", [1, 37])
+def test_grouped_hard_routing_equals_per_element_hard_routing(width):
+    from modeling_polyglu.activation_mixing import mix_activations_grouped
+
+    generator = torch.Generator().manual_seed(4)
+    gate, up = torch.randn(3, 5, 37, generator=generator), torch.randn(3, 5, 37, generator=generator)
+    static = torch.randn(1, 1, width, 4, generator=generator)
+    expected = mix_activations(gate, up, DICTIONARY, static, None, hard=True)
+    # equal up to the last ulp: vectorised and tail loops of an activation may round differently
+    torch.testing.assert_close(mix_activations_grouped(gate, up, DICTIONARY, static), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_hard_static_routing_model_uses_the_grouped_path_at_inference():
+    model = tiny_model(ffn_type="dualglu", dualglu_mixing="learned_static", routing_hard=True)
+    reference = tiny_model(ffn_type="dualglu", dualglu_mixing="learned_static", routing_hard=True, mixing_backend="naive")
+    input_ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert relative(model(input_ids).logits, reference(input_ids).logits) <= 1e-6
+
+
 def test_hard_routing_ignores_non_finite_unchosen_activations():
     gate = torch.tensor([[[1e4, -1e4]]])
     static = torch.tensor([[[[10.0, 0.0], [10.0, 0.0]]]])
