@@ -42,6 +42,7 @@ _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_TANH_COEF = 0.044715
+_SMALLEST_LOG_WEIGHT = -60.0
 
 
 def _relu_derivative(x):
@@ -129,7 +130,9 @@ def _softmax_weights(static_logits, token_logits, num_activations, tau, hard):
     running_max = scaled[0]
     for z in scaled[1:]:
         running_max = torch.maximum(running_max, z)
-    exps = [torch.exp(z - running_max) for z in scaled]
+    # floor at e^-60: a weight that small changes nothing in fp32, while exp() of saturated logits would produce
+    # subnormal numbers, which make CPU arithmetic an order of magnitude slower
+    exps = [torch.exp(torch.clamp(z - running_max, min=_SMALLEST_LOG_WEIGHT)) for z in scaled]
     total = exps[0]
     for e in exps[1:]:
         total = total + e

@@ -142,7 +142,7 @@ class RoutingProbe:
         choices = probabilities.argmax(-1)
         sums.add("decisions", torch.tensor(float(num_tokens * num_neurons)))
         sums.add("entropy", _probability_entropy(probabilities).sum())
-        sums.add("usage_argmax", torch.nn.functional.one_hot(choices, k).sum((0, 1)))
+        sums.add("usage_argmax", torch.bincount(choices.reshape(-1), minlength=k))
         sums.add("usage_mean", probabilities.sum((0, 1)))
         subset = _neuron_subset(num_neurons, self.max_neurons).to(probabilities.device)
         kept_probabilities = probabilities[:, subset].to(torch.float16)
