@@ -254,6 +254,11 @@ def _kernel(name: str, function, device_type: str):
     if not compilation_enabled(device_type) or torch.compiler.is_compiling():
         return function
     if name not in _COMPILED:
+        # one kernel per (activations, normalization, hard, logits layout): a process that builds several variants
+        # (per-layer ffn_types, sweeps) exceeds dynamo's default budget of 8 and would silently run eagerly
+        dynamo_config = torch._dynamo.config
+        if getattr(dynamo_config, "recompile_limit", 64) < 64:
+            dynamo_config.recompile_limit = 64
         _COMPILED[name] = torch.compile(function, dynamic=None)
     return _COMPILED[name]
 
