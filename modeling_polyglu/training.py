@@ -159,6 +159,7 @@ class RoutingMonitorCallback(TrainerCallback):
         self.history: list[dict] = []
         self.alerts: list[dict] = []
         self.monitor_seconds = 0.0
+        self.measurement_seconds: list[float] = []  # the first includes one-time kernel compilation for probe shapes
         self.train_started = None
         self.last_measured_step = None
 
@@ -169,7 +170,8 @@ class RoutingMonitorCallback(TrainerCallback):
     def _measure(self, model, step: int) -> dict:
         started = time.perf_counter()
         metrics, snapshot = self.probe.measure(self.trainer.model_wrapped or model, self.batches, self.snapshot)
-        self.monitor_seconds += time.perf_counter() - started
+        self.measurement_seconds.append(time.perf_counter() - started)
+        self.monitor_seconds += self.measurement_seconds[-1]
         self.last_measured_step = step
         self.history.append({"step": step, "metrics": metrics})
         return metrics, snapshot
@@ -205,6 +207,7 @@ class RoutingMonitorCallback(TrainerCallback):
             extra = {
                 "alerts": self.alerts,
                 "monitor_seconds": self.monitor_seconds,
+                "measurement_seconds": self.measurement_seconds,
                 "train_seconds": elapsed,
                 "monitor_overhead": self.monitor_seconds / elapsed if elapsed > 0 else None,
                 "initial": self.initial_metrics,
