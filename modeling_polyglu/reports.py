@@ -68,6 +68,10 @@ def _plot_series(history: list[dict], statistic: str, path: Path, ylabel: str, t
     points = [(entry["step"], entry["metrics"][overall]) for entry in history if overall in entry["metrics"]]
     if points:
         axis.plot(*zip(*points), label="mean", color="black", linewidth=2.5)
+    static = [(entry["step"], entry["metrics"]["routing/static_alpha_entropy"]) for entry in history
+              if statistic == "entropy" and "routing/static_alpha_entropy" in entry["metrics"]]
+    if static:  # what the reference monitored: blind to the input-dependent term, τ and pooling
+        axis.plot(*zip(*static), label="static softmax(α) entropy (reference metric)", color="gray", linestyle="--")
     axis.set_xlabel("training step")
     axis.set_ylabel(ylabel)
     axis.set_title(title)
