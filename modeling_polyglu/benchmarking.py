@@ -524,8 +524,7 @@ def run_step_suite(args) -> dict:
     batch, tokens = (STEP_BATCH_QUICK, STEP_TOKENS_QUICK) if args.quick else (STEP_BATCH, STEP_TOKENS)
     device = _model_device(args)
     _progress(args, f"step: {sizes} tokens={batch}x{tokens} on {device.type}")
-    generator = torch.Generator().manual_seed(args.seed)
-    input_ids = torch.randint(0, sizes["vocab_size"], (batch, tokens), generator=generator).to(device)
+    input_ids = _random_tokens(args.seed, sizes["vocab_size"], (batch, tokens), device)
 
     contenders, params = {}, {}
     for ffn_type in _model_ffn_types(args):
@@ -561,14 +560,18 @@ def run_step_suite(args) -> dict:
     }
 
 
+def _random_tokens(seed: int, vocab_size: int, shape: tuple, device) -> torch.Tensor:
+    """Seeded token ids, the same on every device."""
+    return torch.randint(0, vocab_size, shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
 def run_decode_suite(args) -> dict:
     sizes = STEP_MODEL_QUICK if args.quick else STEP_MODEL
     prompt_length = DECODE_PROMPT_QUICK if args.quick else DECODE_PROMPT
     new_tokens = args.decode_tokens or (DECODE_TOKENS_QUICK if args.quick else DECODE_TOKENS)
     device = _model_device(args)
     _progress(args, f"decode: {sizes} prompt={prompt_length} new={new_tokens} on {device.type}")
-    generator = torch.Generator().manual_seed(args.seed)
-    prompt = torch.randint(0, sizes["vocab_size"], (1, prompt_length), generator=generator).to(device)
+    prompt = _random_tokens(args.seed, sizes["vocab_size"], (1, prompt_length), device)
 
     contenders = {}
     for ffn_type in _model_ffn_types(args):
@@ -620,8 +623,7 @@ def run_generate_suite(args) -> dict:
     lengths = args.generate_lengths or (GENERATE_LENGTHS_QUICK if args.quick else GENERATE_LENGTHS)
     device = _model_device(args)
     _progress(args, f"generate: {sizes} prompt={prompt_length} lengths={list(lengths)} on {device.type}")
-    generator = torch.Generator().manual_seed(args.seed)
-    prompt = torch.randint(0, sizes["vocab_size"], (1, prompt_length), generator=generator).to(device)
+    prompt = _random_tokens(args.seed, sizes["vocab_size"], (1, prompt_length), device)
     model = _model(sizes, "polyglu", args.seed, device, routing_pooling="causal").eval()
     outputs = {}
 

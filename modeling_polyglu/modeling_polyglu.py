@@ -706,9 +706,13 @@ class PolyGLUPreTrainedModel(PreTrainedModel):
         self.config.routing_tau = tau
 
 
+# read once: the forward runs for every decoded token
+_MASK_PARAMETERS = frozenset(inspect.signature(create_causal_mask).parameters)
+
+
 def _mask_creation_kwargs(config, inputs_embeds, attention_mask, past_key_values, position_ids):
     """Keyword arguments for `create_causal_mask`, whose parameter names changed within transformers 5.x."""
-    parameters = inspect.signature(create_causal_mask).parameters
+    parameters = _MASK_PARAMETERS
     kwargs = {"config": config, "attention_mask": attention_mask, "past_key_values": past_key_values}
     kwargs["inputs_embeds" if "inputs_embeds" in parameters else "input_embeds"] = inputs_embeds
     if "position_ids" in parameters:

@@ -30,6 +30,7 @@ from .atomic_output import atomic_directory
 from .checkpoint_io import CheckpointError, copy_tokenizer_and_generation_config, write_config_and_remote_code, write_shard
 from .configuration_polyglu import DEFAULT_ACTIVATIONS, PolyGLUConfig
 from .model_card import write_model_card
+from .qwen3_conversion import expected_qwen3_shapes  # the backbone tensors are Qwen3's
 
 REFERENCE_EPS = 1e-6
 REFERENCE_ROPE_THETA = 10000.0
@@ -181,8 +182,6 @@ def map_reference_state_dict(state_dict: dict, config: PolyGLUConfig, path) -> d
         mapped[f"model.layers.{match.group(1)}.{_LAYER_RENAMES[match.group(2)]}"] = tensor
     if "output_head.weight" in state_dict and not torch.equal(state_dict["output_head.weight"], state_dict["embeddings.weight"]):
         raise CheckpointError(f"{path}: output_head.weight differs from embeddings.weight; the reference ties them")
-    from .qwen3_conversion import expected_qwen3_shapes  # the backbone tensors are Qwen3's
-
     shapes = expected_qwen3_shapes(config)
     for name, tensor in mapped.items():
         if name in shapes and tuple(tensor.shape) != shapes[name]:
