@@ -15,11 +15,14 @@ directly (learnable activations, Dynamic GEGLU's gate); with neither tensor the 
 Two implementations with one signature:
 
 * :func:`mix_activations` (default): an ``autograd.Function`` that saves only g, u and the small coefficient
-  tensors and recomputes the activations and weights in backward, looping over K in ``[B, T, F]`` slices;
+  tensors and recomputes the activations and weights in backward. fp32 on CPU runs one C++ pass per direction
+  (cpu_mixing_kernel.py); other dtypes and devices run the functions below, looping over K in ``[B, T, F]``
+  slices, torch.compile'd where Inductor works (eager otherwise, or with POLYGLU_DISABLE_COMPILE=1);
 * :func:`mix_activations_naive`: stacks everything into ``[B, T, F, K]`` and lets autograd differentiate — the
   readable oracle the tests compare the default path against, selectable with ``mixing_backend="naive"``.
 
-This file is part of the remote code saved next to a checkpoint: it imports only torch.
+This file is part of the remote code saved next to a checkpoint: it imports only torch (and cpu_mixing_kernel.py,
+saved with it).
 """
 
 import math
@@ -29,6 +32,11 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+
+from .cpu_mixing_kernel import load_library as load_cpu_kernel
+from .cpu_mixing_kernel import mix_backward as cpu_mix_backward
+from .cpu_mixing_kernel import mix_forward as cpu_mix_forward
+from .cpu_mixing_kernel import supports as cpu_kernel_supports
 
 
 class Activation(NamedTuple):
@@ -276,13 +284,31 @@ def _call_kernel(name, function, device_type, *args):
         return function(*args)
 
 
+def _cpu_kernel_for(gate, up, static_logits, token_logits, activations, normalization):
+    """The C++ CPU kernel library when it handles these inputs (fp32 on CPU), else None."""
+    if gate.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    if not cpu_kernel_supports(gate, up, activations, static_logits, token_logits, normalization):
+        return None
+    return load_cpu_kernel()
+
+
 class _MixActivationsFunction(torch.autograd.Function):
-    """h = u ⊙ Σ_k c_k φ_k(g); saves g, u and the coefficient tensors only, recomputes the rest in backward."""
+    """h = u ⊙ Σ_k c_k φ_k(g); saves g, u and the coefficient tensors only, recomputes the rest in backward.
+
+    fp32 on CPU runs the C++ kernel of cpu_mixing_kernel.py; other dtypes and devices run the torch.compile'd
+    (or eager) functions above.
+    """
 
     @staticmethod
     def forward(ctx, gate, up, static_logits, token_logits, activations, tau, normalization, hard):
         ctx.save_for_backward(gate, up, static_logits, token_logits)
         ctx.config = (activations, tau, normalization, hard)
+        ctx.cpu_library = _cpu_kernel_for(gate, up, static_logits, token_logits, activations, normalization)
+        if ctx.cpu_library is not None:
+            return cpu_mix_forward(
+                ctx.cpu_library, gate, up, static_logits, token_logits, activations, tau, normalization, hard
+            )
         return _call_kernel(
             "forward", _mix_forward_output, gate.device.type,
             gate, up, static_logits, token_logits, activations, tau, normalization, hard,
@@ -293,9 +319,16 @@ class _MixActivationsFunction(torch.autograd.Function):
         gate, up, static_logits, token_logits = ctx.saved_tensors
         activations, tau, normalization, hard = ctx.config
         needs = tuple(ctx.needs_input_grad[:4])
-        grads = _mix_backward(
-            grad_out.contiguous(), gate, up, static_logits, token_logits, activations, tau, normalization, hard, needs
-        )
+        if ctx.cpu_library is not None and grad_out.dtype == torch.float32:
+            grads = cpu_mix_backward(
+                ctx.cpu_library, grad_out, gate, up, static_logits, token_logits, activations, tau, normalization,
+                hard, needs,
+            )
+        else:
+            grads = _mix_backward(
+                grad_out.contiguous(), gate, up, static_logits, token_logits, activations, tau, normalization, hard,
+                needs,
+            )
         return (*grads, None, None, None, None)
 
 

@@ -25,7 +25,7 @@ def write_model_card(directory: Path, base_model: str, config: PolyGLUConfig, ti
 ## Loading
 
 This repository carries its own model code (`modeling_polyglu.py`, `configuration_polyglu.py`,
-`activation_mixing.py`), so it loads without installing anything beyond transformers:
+`activation_mixing.py`, `cpu_mixing_kernel.py`), so it loads without installing anything beyond transformers:
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer

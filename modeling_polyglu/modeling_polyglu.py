@@ -662,7 +662,9 @@ class PolyGLUCausalLMOutputWithPast(CausalLMOutputWithPast):
 
 
 # the files save_pretrained copies next to a checkpoint (this file and its relative imports, flattened)
-REMOTE_CODE_FILES = ("configuration_polyglu.py", "modeling_polyglu.py", "activation_mixing.py")
+REMOTE_CODE_FILES = (
+    "configuration_polyglu.py", "modeling_polyglu.py", "activation_mixing.py", "cpu_mixing_kernel.py",
+)
 REMOTE_CODE_AUTO_MAP = {
     "AutoConfig": "configuration_polyglu.PolyGLUConfig",
     "AutoModel": "modeling_polyglu.PolyGLUModel",

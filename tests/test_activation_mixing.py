@@ -109,7 +109,8 @@ def test_temperature_and_hard_routing_behave():
     choice = (static + token).argmax(-1)  # [B, T, F]
     stacked = torch.stack([ACTIVATIONS[name].function(gate) for name in DICTIONARY], -1)
     expected = stacked.gather(-1, choice.unsqueeze(-1)).squeeze(-1) * up
-    assert torch.equal(hard, expected)
+    # the chosen activation exactly (the CPU kernel's activations agree with torch's to ~3e-7)
+    torch.testing.assert_close(hard, expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("width", [1, 37])
@@ -120,8 +121,8 @@ def test_grouped_hard_routing_equals_per_element_hard_routing(width):
     gate, up = torch.randn(3, 5, 37, generator=generator), torch.randn(3, 5, 37, generator=generator)
     static = torch.randn(1, 1, width, 4, generator=generator)
     expected = mix_activations(gate, up, DICTIONARY, static, None, hard=True)
-    # equal up to the last ulp: vectorised and tail loops of an activation may round differently
-    torch.testing.assert_close(mix_activations_grouped(gate, up, DICTIONARY, static), expected, rtol=1e-6, atol=1e-7)
+    # the grouped path applies torch's activations, the fused CPU kernel its own (within ~3e-7 of them)
+    torch.testing.assert_close(mix_activations_grouped(gate, up, DICTIONARY, static), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_hard_static_routing_model_uses_the_grouped_path_at_inference():
@@ -168,9 +169,11 @@ def test_every_variant_gives_the_same_model_with_either_backend(variant, trainin
     assert relative(fused_loss, naive_loss) <= 1e-5
     assert fused_grads.keys() == naive_grads.keys()
     for name, gradient in naive_grads.items():
-        # absolute floor: a saturated router's gradient (~1e-6) is a sum of cancelling fp32 terms
+        # absolute floor: a saturated router's gradient (~1e-4 in norm with hard routing) is a sum of cancelling fp32
+        # terms, so ulp-level differences of the activations move it by a few 1e-9 — either backend is that far
+        # from the fp64 gradient
         difference = (fused_grads[name].double() - gradient.double()).norm().item()
-        assert difference <= 1e-5 * gradient.double().norm().item() + 1e-9, name
+        assert difference <= 1e-5 * gradient.double().norm().item() + 1e-8, name
 
 
 def test_compiled_kernels_match_eager(monkeypatch):
@@ -179,6 +182,7 @@ def test_compiled_kernels_match_eager(monkeypatch):
     inputs = make_inputs(layout, (2, 5, 24))
     leaves = [t for t in inputs if t is not None]
     results = []
+    monkeypatch.setenv("POLYGLU_DISABLE_CPU_KERNEL", "1")  # fp32 on CPU would run the C++ kernel instead
     for disabled in ("1", "0"):
         monkeypatch.setenv("POLYGLU_DISABLE_COMPILE", disabled)
         output = mix_activations(inputs[0], inputs[1], DICTIONARY, inputs[2], inputs[3], tau=0.5)

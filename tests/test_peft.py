@@ -44,7 +44,9 @@ FRESH_PROCESS_FFN_TYPES = ("polyglu",)  # a fresh interpreter costs ~6 s: once i
 # spelled out here rather than imported from peft_utils, so that a projection dropped there fails these tests
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-REMOTE_FILES = {"configuration_polyglu.py", "modeling_polyglu.py", "activation_mixing.py"}
+REMOTE_FILES = {
+    "configuration_polyglu.py", "modeling_polyglu.py", "activation_mixing.py", "cpu_mixing_kernel.py",
+}
 VOCAB_SIZE = tiny_config().vocab_size
 FIRST_ORDINARY_TOKEN = 3  # 0, 1 and 2 are pad, bos and eos in the tiny preset
 TRAINING_STEPS = 6

@@ -94,7 +94,8 @@ def test_output_is_a_complete_loadable_repo(qwen3_dir, tmp_path):
     convert_qwen3(qwen3_dir, tmp_path / "out", "moa", verify=False, **QUIET)
     names = {path.name for path in (tmp_path / "out").iterdir()}
     assert {"config.json", "modeling_polyglu.py", "configuration_polyglu.py", "activation_mixing.py",
-            "tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"} <= names
+            "cpu_mixing_kernel.py", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+            "README.md"} <= names
     card = (tmp_path / "out" / "README.md").read_text()
     front_matter = card.split("---")[1]
     for key in ("base_model:", "library_name: transformers", "pipeline_tag: text-generation", "tags:"):

@@ -9,7 +9,9 @@ from modeling_polyglu.remote_code import load_in_fresh_process
 
 from .utils import tiny_model
 
-REMOTE_FILES = {"configuration_polyglu.py", "modeling_polyglu.py", "activation_mixing.py"}
+REMOTE_FILES = {
+    "configuration_polyglu.py", "modeling_polyglu.py", "activation_mixing.py", "cpu_mixing_kernel.py",
+}
 
 
 @pytest.mark.parametrize("ffn_type", ["polyglu", "moa"])

@@ -1,0 +1,697 @@
+"""The CPU kernel of the fused activation mixing: one C++ pass per direction, built on first use.
+
+``h = u ⊙ Σ_k c_k φ_k(g)`` and its backward run as two loops over ``[rows, d_ff]`` written with ATen's
+``at::vec::Vectorized<float>`` (AVX-512 / AVX2 / portable, as torch itself was built). Compared with the
+torch.compile'd Python of :mod:`activation_mixing`, the C++ loop can do three things Inductor cannot express:
+
+* **factorised softmax with a per-vector fallback** — PolyGLU's weights ``softmax_k((s_k[f] + t_k[r]) / τ)`` are
+  computed as ``a_k[f] · b_k[r] / Σ_j a_j[f] b_j[r]`` from two small tables of exponentials (one per neuron, one
+  per token), so no ``exp`` runs per element; where a vector's denominator falls below ``e^-20`` (static and token
+  preferences disagree sharply) that vector takes the exact per-element path instead;
+* **both coefficient-gradient reductions in the same pass** — per token (a row sum) and per neuron (a column sum,
+  kept per block of rows in L1/L2), so no ``[K, rows, d_ff]`` buffer is written;
+* **one sigmoid, tanh or erf per activation**, shared by its value and its derivative.
+
+The tables are clamped at ``e^-43``, so their products stay normal floats (subnormals slow x86 down tenfold) while
+the error they introduce, at most ``e^-43 / e^-20`` relative, is far below fp32 resolution.
+
+The library is compiled with the system C++ compiler into a per-user cache directory (``POLYGLU_KERNEL_CACHE``,
+default ``~/.cache/polyglu``), keyed by the source, the CPU capability and the torch version, written to a
+temporary name and renamed, so concurrent processes (DDP ranks) never load a half-written file. Where no compiler
+works, :func:`load_library` returns None once, with a warning, and the caller uses its torch.compile path.
+
+This file is part of the remote code saved next to a checkpoint: it imports only torch and the standard library.
+"""
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from typing import Optional
+
+import torch
+
+# kernel activation codes; the names are those of activation_mixing.ACTIVATIONS
+ACTIVATION_CODES = {"relu": 0, "tanh": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4, "sigmoid": 5, "identity": 6}
+MAX_ACTIVATIONS = 8
+FACTOR_FLOOR = -43.0  # log of the smallest table entry: e^-43 · e^-43 is still a normal float
+
+_SOURCE = r"""
+#include <ATen/cpu/vec/vec.h>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+constexpr float kSqrtHalf = 0.70710678118654752f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+constexpr float kSqrt2OverPi = 0.79788456080286536f;
+constexpr float kGeluTanhCoef = 0.044715f;
+constexpr float kExactThreshold = 2.0611536e-09f;  // e^-20: below it the factorised denominator is not trusted
+constexpr float kSmallestLogWeight = -60.0f;
+
+enum : int32_t { kRelu = 0, kTanh = 1, kSilu = 2, kGelu = 3, kGeluTanh = 4, kSigmoid = 5, kIdentity = 6 };
+
+// exp_u20: ATen's polynomial exp, within 2 ulp and several times cheaper than Sleef's exp
+inline Vec fast_exp(const Vec& x) { return x.exp_u20(); }
+
+// 1 / x for the finite, positive denominators used below: the hardware estimate refined by Newton steps
+// (within ~1 ulp), several times cheaper than a division
+inline Vec fast_reciprocal(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const Vec estimate(_mm512_rcp14_ps(x));
+  return estimate * (Vec(2.0f) - x * estimate);
+#elif defined(CPU_CAPABILITY_AVX2)
+  Vec estimate(_mm256_rcp_ps(x));
+  estimate = estimate * (Vec(2.0f) - x * estimate);
+  return estimate * (Vec(2.0f) - x * estimate);
+#else
+  return Vec(1.0f) / x;
+#endif
+}
+
+// exponent capped at 80: 1 + e stays finite (the reciprocal's Newton step would turn 1/inf into nan) and the
+// result normal (sigmoid(-80) = 1.8e-35; subnormal outputs would slow every later matmul down)
+inline Vec sigmoid(const Vec& x) {
+  return fast_reciprocal(Vec(1.0f) + fast_exp(at::vec::minimum(x.neg(), Vec(80.0f))));
+}
+
+// tanh within ~1e-7 relative, at a third of Sleef's cost: (1 - e) / (1 + e) with e = exp(-2|x|) where that has no
+// cancellation (|x| >= 0.55), an odd polynomial below (x + x^3 Q(x^2), Q fitted for relative error on [0, 0.55])
+inline Vec fast_tanh(const Vec& x) {
+  const Vec one(1.0f);
+  const Vec magnitude = x.abs();
+  const Vec e = fast_exp(Vec(-2.0f) * magnitude);
+  const Vec large = (one - e) * fast_reciprocal(one + e);
+  const Vec square = x * x;
+  Vec q = Vec(-0.0062876008450984955f) * square + Vec(0.021082019433379173f);
+  q = q * square + Vec(-0.053855109959840775f);
+  q = q * square + Vec(0.13332617282867432f);
+  q = q * square + Vec(-0.33333319425582886f);
+  const Vec small = magnitude + magnitude * square * q;
+  const Vec result = Vec::blendv(large, small, magnitude < Vec(0.55f));
+  return Vec::blendv(result, result.neg(), x < Vec(0.0f));
+}
+
+// GELU (erf form) and its derivative from one exponential: erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7,
+// the approximation ATen's vectorised erf uses), whose exp(-y^2) with y = x / sqrt(2) is also the normal density's
+template <bool SLOPE>
+inline void gelu(const Vec& x, Vec& value, Vec& slope) {
+  const Vec one(1.0f), half(0.5f);
+  const Vec y = x * Vec(kSqrtHalf);
+  const Vec t = fast_reciprocal(Vec(0.3275911f) * y.abs() + one);
+  Vec poly = Vec(1.061405429f) * t + Vec(-1.453152027f);
+  poly = poly * t + Vec(1.421413741f);
+  poly = poly * t + Vec(-0.284496736f);
+  poly = poly * t + Vec(0.254829592f);
+  const Vec gauss = fast_exp(Vec(-0.5f) * x * x);
+  const Vec erf_abs = one - poly * t * gauss;
+  const Vec cdf = half * (one + Vec::blendv(erf_abs, erf_abs.neg(), y < Vec(0.0f)));
+  value = x * cdf;
+  if constexpr (SLOPE) slope = cdf + x * gauss * Vec(kInvSqrt2Pi);
+}
+
+// Value (and, with SLOPE, derivative) of one activation on one vector.
+template <int32_t CODE, bool SLOPE>
+inline void activation(const Vec& x, Vec& value, Vec& slope) {
+  const Vec half(0.5f), one(1.0f), zero(0.0f);
+  if constexpr (CODE == kRelu) {
+    value = at::vec::maximum(x, zero);
+    if constexpr (SLOPE) slope = Vec::blendv(zero, one, x > zero);
+  } else if constexpr (CODE == kTanh) {
+    value = fast_tanh(x);
+    if constexpr (SLOPE) slope = one - value * value;
+  } else if constexpr (CODE == kSilu) {
+    const Vec s = sigmoid(x);
+    value = x * s;
+    if constexpr (SLOPE) slope = s * (one + x * (one - s));
+  } else if constexpr (CODE == kGelu) {
+    gelu<SLOPE>(x, value, slope);
+  } else if constexpr (CODE == kGeluTanh) {
+    const Vec x2 = x * x;
+    const Vec t = fast_tanh(Vec(kSqrt2OverPi) * (x + Vec(kGeluTanhCoef) * x2 * x));
+    value = half * x * (one + t);
+    if constexpr (SLOPE) {
+      slope = half * (one + t) + half * x * (one - t * t) * Vec(kSqrt2OverPi) * (one + Vec(3.0f * kGeluTanhCoef) * x2);
+    }
+  } else if constexpr (CODE == kSigmoid) {
+    value = sigmoid(x);
+    if constexpr (SLOPE) slope = value * (one - value);
+  } else {
+    value = x;
+    if constexpr (SLOPE) slope = one;
+  }
+}
+
+template <bool SLOPE>
+inline void activation(int32_t code, const Vec& x, Vec& value, Vec& slope) {
+  switch (code) {
+    case kRelu: activation<kRelu, SLOPE>(x, value, slope); return;
+    case kTanh: activation<kTanh, SLOPE>(x, value, slope); return;
+    case kSilu: activation<kSilu, SLOPE>(x, value, slope); return;
+    case kGelu: activation<kGelu, SLOPE>(x, value, slope); return;
+    case kGeluTanh: activation<kGeluTanh, SLOPE>(x, value, slope); return;
+    case kSigmoid: activation<kSigmoid, SLOPE>(x, value, slope); return;
+    default: activation<kIdentity, SLOPE>(x, value, slope); return;
+  }
+}
+
+inline bool any_lane(const Vec& mask) { return mask.zero_mask() != (1 << kLanes) - 1; }
+
+inline float lane_sum(const Vec& v) {
+  alignas(64) float lanes[kLanes];
+  v.store(lanes);
+  float total = 0.0f;
+  for (int64_t i = 0; i < kLanes; ++i) total += lanes[i];
+  return total;
+}
+
+inline int64_t lanes_at(int64_t f, int64_t F) { return F - f < kLanes ? F - f : kLanes; }
+
+// ---- coefficients constant along a row (per token, per layer, or a single activation) -----------------------
+// weights [K, R] (nullptr: K = 1 with coefficient 1). A zero coefficient skips its activation, which is what hard
+// routing at inference needs: one activation evaluated per token.
+
+template <int K>
+void rowwise_forward(const float* gate, const float* up, float* out, const int32_t* codes, const float* weights,
+                     int64_t R, int64_t F, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < R; ++r) {
+    float w[K];
+    for (int k = 0; k < K; ++k) w[k] = weights ? weights[k * R + r] : 1.0f;
+    for (int64_t f = 0; f < F; f += kLanes) {
+      const int64_t n = lanes_at(f, F);
+      const Vec g = Vec::loadu(gate + r * F + f, n);
+      Vec mixed(0.0f), value, unused;
+      for (int k = 0; k < K; ++k) {
+        if (w[k] == 0.0f) continue;
+        activation<false>(codes[k], g, value, unused);
+        mixed = mixed + Vec(w[k]) * value;
+      }
+      if (up) mixed = mixed * Vec::loadu(up + r * F + f, n);
+      mixed.store(out + r * F + f, n);
+    }
+  }
+}
+
+// row_products [K, R] (or nullptr): sum_f (dy * u) * (phi_k - sum_j soft_j phi_j) for softmax coefficients (soft
+// [K, R]), sum_f (dy * u) * phi_k for linear ones (soft nullptr); the caller derives every coefficient gradient of
+// the row from them, the coefficients being constant along it. Subtracting the soft mixture per element, before
+// summing, keeps the precision when the activations are alike (SiLU and GELU).
+template <int K>
+void rowwise_backward(const float* grad_out, const float* gate, const float* up, float* grad_gate, float* grad_up,
+                      float* row_products, const int32_t* codes, const float* weights, const float* soft,
+                      int64_t R, int64_t F, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < R; ++r) {
+    float w[K], soft_w[K];
+    Vec products[K];
+    for (int k = 0; k < K; ++k) {
+      w[k] = weights ? weights[k * R + r] : 1.0f;
+      soft_w[k] = soft ? soft[k * R + r] : 0.0f;
+      products[k] = Vec(0.0f);
+    }
+    for (int64_t f = 0; f < F; f += kLanes) {
+      const int64_t n = lanes_at(f, F);
+      const int64_t at = r * F + f;
+      const Vec g = Vec::loadu(gate + at, n);
+      const Vec dy = Vec::loadu(grad_out + at, n);
+      const Vec grad_mixed = up ? dy * Vec::loadu(up + at, n) : dy;
+      Vec mixed(0.0f), slope(0.0f), soft_mixed(0.0f), values[K], derivative;
+      for (int k = 0; k < K; ++k) {
+        if (w[k] == 0.0f && !row_products) continue;
+        activation<true>(codes[k], g, values[k], derivative);
+        soft_mixed = soft_mixed + Vec(soft_w[k]) * values[k];
+        if (w[k] == 0.0f) continue;  // an unchosen activation (hard routing) must not leak inf/nan in
+        mixed = mixed + Vec(w[k]) * values[k];
+        slope = slope + Vec(w[k]) * derivative;
+      }
+      if (grad_gate) (grad_mixed * slope).store(grad_gate + at, n);
+      if (grad_up) (dy * mixed).store(grad_up + at, n);
+      if (row_products) {
+        for (int k = 0; k < K; ++k) products[k] = products[k] + grad_mixed * (values[k] - soft_mixed);
+      }
+    }
+    if (row_products) {
+      for (int k = 0; k < K; ++k) row_products[k * R + r] = lane_sum(products[k]);
+    }
+  }
+}
+
+// ---- PolyGLU: softmax_k((s_k[f] + t_k[r]) / tau), a per-neuron table plus a per-token one ------------------
+// static [K, S, F] (S in {1, B}: shared or per sequence) and token [K, R] tables, each as scaled logits z and
+// factors exp(max(z - max_k z, -43)).
+struct NeuronTokenTables {
+  const float* static_z;
+  const float* static_factor;
+  const float* token_z;
+  const float* token_factor;
+  int64_t S, R, T, F;
+  float inv_tau;
+};
+
+template <int K>
+struct RowTables {
+  const float* static_z[K];
+  const float* static_factor[K];
+  float token_z[K];
+  float token_factor[K];
+
+  RowTables(const NeuronTokenTables& tables, int64_t r) {
+    const int64_t s = tables.S > 1 ? r / tables.T : 0;
+    for (int k = 0; k < K; ++k) {
+      static_z[k] = tables.static_z + (k * tables.S + s) * tables.F;
+      static_factor[k] = tables.static_factor + (k * tables.S + s) * tables.F;
+      token_z[k] = tables.token_z[k * tables.R + r];
+      token_factor[k] = tables.token_factor[k * tables.R + r];
+    }
+  }
+
+  void logits(int64_t f, int64_t n, Vec* z) const {
+    for (int k = 0; k < K; ++k) z[k] = Vec::loadu(static_z[k] + f, n) + Vec(token_z[k]);
+  }
+
+  // softmax weights at columns [f, f + n): factorised, or exact where the factorised denominator is too small
+  // (tail lanes beyond n load zeros, so a partial vector always takes the exact path)
+  void soft_weights(int64_t f, int64_t n, Vec* weight) const {
+    Vec total(0.0f);
+    for (int k = 0; k < K; ++k) {
+      weight[k] = Vec::loadu(static_factor[k] + f, n) * Vec(token_factor[k]);
+      total = total + weight[k];
+    }
+    if (any_lane(total < Vec(kExactThreshold))) {
+      Vec z[K];
+      logits(f, n, z);
+      Vec top = z[0];
+      for (int k = 1; k < K; ++k) top = at::vec::maximum(top, z[k]);
+      total = Vec(0.0f);
+      for (int k = 0; k < K; ++k) {
+        weight[k] = fast_exp(at::vec::maximum(z[k] - top, Vec(kSmallestLogWeight)));
+        total = total + weight[k];
+      }
+    }
+    const Vec inverse = fast_reciprocal(total);
+    for (int k = 0; k < K; ++k) weight[k] = weight[k] * inverse;
+  }
+
+  // lane masks of the argmax activation (ties to the lowest index, as torch.argmax)
+  void hard_choice(int64_t f, int64_t n, Vec* chosen) const {
+    Vec z[K];
+    logits(f, n, z);
+    Vec best = z[0], choice(0.0f);
+    for (int k = 1; k < K; ++k) {
+      const Vec better = z[k] > best;
+      best = Vec::blendv(best, z[k], better);
+      choice = Vec::blendv(choice, Vec(static_cast<float>(k)), better);
+    }
+    for (int k = 0; k < K; ++k) chosen[k] = choice == Vec(static_cast<float>(k));
+  }
+};
+
+template <int K, bool HARD>
+inline Vec mix(const Vec* weight_or_mask, const Vec* x) {
+  Vec total(0.0f);
+  for (int k = 0; k < K; ++k) {
+    total = total + (HARD ? Vec::blendv(Vec(0.0f), x[k], weight_or_mask[k]) : weight_or_mask[k] * x[k]);
+  }
+  return total;
+}
+
+template <int K, bool HARD>
+void neuron_token_forward(const float* gate, const float* up, float* out, const int32_t* codes,
+                          const NeuronTokenTables& tables, int threads) {
+  const int64_t F = tables.F;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < tables.R; ++r) {
+    const RowTables<K> row(tables, r);
+    for (int64_t f = 0; f < F; f += kLanes) {
+      const int64_t n = lanes_at(f, F);
+      Vec weight[K], values[K], unused;
+      if (HARD) row.hard_choice(f, n, weight); else row.soft_weights(f, n, weight);
+      const Vec g = Vec::loadu(gate + r * F + f, n);
+      for (int k = 0; k < K; ++k) activation<false>(codes[k], g, values[k], unused);
+      Vec mixed = mix<K, HARD>(weight, values);
+      if (up) mixed = mixed * Vec::loadu(up + r * F + f, n);
+      mixed.store(out + r * F + f, n);
+    }
+  }
+}
+
+// Blocks of rows [t0, t1) within one sequence; static_partial [blocks, K, F] gets each block's column sums of
+// the logit gradient, token_grad [K, R] the row sums.
+template <int K, bool HARD>
+void neuron_token_backward(const float* grad_out, const float* gate, const float* up, float* grad_gate,
+                           float* grad_up, float* static_partial, float* token_grad, const int32_t* codes,
+                           const NeuronTokenTables& tables, int64_t rows_per_block, int threads) {
+  const int64_t F = tables.F, T = tables.T;
+  const int64_t blocks_per_sequence = (T + rows_per_block - 1) / rows_per_block;
+  const int64_t num_blocks = (tables.R / T) * blocks_per_sequence;
+  const bool logit_grads = static_partial != nullptr || token_grad != nullptr;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t block = 0; block < num_blocks; ++block) {
+    const int64_t first = (block / blocks_per_sequence) * T + (block % blocks_per_sequence) * rows_per_block;
+    const int64_t last = first + rows_per_block < (block / blocks_per_sequence + 1) * T
+                             ? first + rows_per_block : (block / blocks_per_sequence + 1) * T;
+    float* column_sums = static_partial ? static_partial + block * K * F : nullptr;
+    if (column_sums) std::memset(column_sums, 0, sizeof(float) * K * F);
+    for (int64_t r = first; r < last; ++r) {
+      const RowTables<K> row(tables, r);
+      Vec row_sums[K];
+      for (int k = 0; k < K; ++k) row_sums[k] = Vec(0.0f);
+      for (int64_t f = 0; f < F; f += kLanes) {
+        const int64_t n = lanes_at(f, F);
+        const int64_t at = r * F + f;
+        Vec soft[K], chosen[K], values[K], slopes[K];
+        row.soft_weights(f, n, soft);
+        if (HARD) row.hard_choice(f, n, chosen);
+        const Vec g = Vec::loadu(gate + at, n);
+        const Vec dy = Vec::loadu(grad_out + at, n);
+        const Vec grad_mixed = up ? dy * Vec::loadu(up + at, n) : dy;
+        for (int k = 0; k < K; ++k) activation<true>(codes[k], g, values[k], slopes[k]);
+        const Vec* applied = HARD ? chosen : soft;
+        if (grad_gate) (grad_mixed * mix<K, HARD>(applied, slopes)).store(grad_gate + at, n);
+        if (grad_up) (dy * mix<K, HARD>(applied, values)).store(grad_up + at, n);
+        if (!logit_grads) continue;
+        // d/dz_k of sum_j softmax_j(z) phi_j = w_k (phi_k - sum_j w_j phi_j); straight-through uses soft weights
+        const Vec soft_mixed = mix<K, false>(soft, values);
+        const Vec scale = grad_mixed * Vec(tables.inv_tau);
+        for (int k = 0; k < K; ++k) {
+          const Vec grad = scale * soft[k] * (values[k] - soft_mixed);
+          row_sums[k] = row_sums[k] + grad;
+          if (column_sums) {
+            float* target = column_sums + k * F + f;
+            (Vec::loadu(target, n) + grad).store(target, n);
+          }
+        }
+      }
+      if (token_grad) {
+        for (int k = 0; k < K; ++k) token_grad[k * tables.R + r] = lane_sum(row_sums[k]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+#define POLYGLU_DISPATCH_K(K_VALUE, CALL)                 \
+  switch (K_VALUE) {                                      \
+    case 1: { constexpr int K = 1; CALL; return 0; }      \
+    case 2: { constexpr int K = 2; CALL; return 0; }      \
+    case 3: { constexpr int K = 3; CALL; return 0; }      \
+    case 4: { constexpr int K = 4; CALL; return 0; }      \
+    case 5: { constexpr int K = 5; CALL; return 0; }      \
+    case 6: { constexpr int K = 6; CALL; return 0; }      \
+    case 7: { constexpr int K = 7; CALL; return 0; }      \
+    case 8: { constexpr int K = 8; CALL; return 0; }      \
+    default: return 1;                                    \
+  }
+
+extern "C" int polyglu_rowwise_forward(const float* gate, const float* up, float* out, const int32_t* codes,
+                                       int64_t num_activations, const float* weights, int64_t R, int64_t F,
+                                       int32_t threads) {
+  POLYGLU_DISPATCH_K(num_activations, rowwise_forward<K>(gate, up, out, codes, weights, R, F, threads));
+}
+
+extern "C" int polyglu_rowwise_backward(const float* grad_out, const float* gate, const float* up, float* grad_gate,
+                                        float* grad_up, float* row_products, const int32_t* codes,
+                                        int64_t num_activations, const float* weights, const float* soft,
+                                        int64_t R, int64_t F, int32_t threads) {
+  POLYGLU_DISPATCH_K(num_activations, rowwise_backward<K>(grad_out, gate, up, grad_gate, grad_up, row_products,
+                                                          codes, weights, soft, R, F, threads));
+}
+
+extern "C" int polyglu_neuron_token_forward(const float* gate, const float* up, float* out, const int32_t* codes,
+                                            int64_t num_activations, const float* static_z,
+                                            const float* static_factor, const float* token_z,
+                                            const float* token_factor, int64_t S, int64_t R, int64_t T, int64_t F,
+                                            float inv_tau, int32_t hard, int32_t threads) {
+  const NeuronTokenTables tables{static_z, static_factor, token_z, token_factor, S, R, T, F, inv_tau};
+  if (hard) {
+    POLYGLU_DISPATCH_K(num_activations, (neuron_token_forward<K, true>(gate, up, out, codes, tables, threads)));
+  }
+  POLYGLU_DISPATCH_K(num_activations, (neuron_token_forward<K, false>(gate, up, out, codes, tables, threads)));
+}
+
+extern "C" int polyglu_neuron_token_backward(const float* grad_out, const float* gate, const float* up,
+                                             float* grad_gate, float* grad_up, float* static_partial,
+                                             float* token_grad, const int32_t* codes, int64_t num_activations,
+                                             const float* static_z, const float* static_factor,
+                                             const float* token_z, const float* token_factor, int64_t S, int64_t R,
+                                             int64_t T, int64_t F, float inv_tau, int32_t hard,
+                                             int64_t rows_per_block, int32_t threads) {
+  const NeuronTokenTables tables{static_z, static_factor, token_z, token_factor, S, R, T, F, inv_tau};
+  if (hard) {
+    POLYGLU_DISPATCH_K(num_activations, (neuron_token_backward<K, true>(grad_out, gate, up, grad_gate, grad_up,
+        static_partial, token_grad, codes, tables, rows_per_block, threads)));
+  }
+  POLYGLU_DISPATCH_K(num_activations, (neuron_token_backward<K, false>(grad_out, gate, up, grad_gate, grad_up,
+      static_partial, token_grad, codes, tables, rows_per_block, threads)));
+}
+"""
+
+_LIBRARY = {}
+_DISABLE_ENV = "POLYGLU_DISABLE_CPU_KERNEL"
+_CACHE_ENV = "POLYGLU_KERNEL_CACHE"
+
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"],
+}
+
+
+def _cpu_capability() -> str:
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:  # very old or unusual builds
+        return "DEFAULT"
+
+
+def _compile_command(source_path: str, library_path: str) -> list:
+    torch_dir = os.path.dirname(torch.__file__)
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
+    return [
+        compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno",
+        *_CAPABILITY_FLAGS.get(_cpu_capability(), []),
+        "-I", os.path.join(torch_dir, "include"),
+        *os.environ.get("POLYGLU_EXTRA_CFLAGS", "").split(),
+        source_path, "-o", library_path,
+        "-L", os.path.join(torch_dir, "lib"), "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{os.path.join(torch_dir, 'lib')}",
+    ]
+
+
+def _cache_dir() -> str:
+    root = os.environ.get(_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "polyglu")
+    return os.path.join(root, "kernels")
+
+
+def _library_path() -> str:
+    key = "\0".join([_SOURCE, _cpu_capability(), torch.__version__, sys.platform, os.environ.get("POLYGLU_EXTRA_CFLAGS", "")])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return os.path.join(_cache_dir(), f"polyglu_mix_{digest}.so")
+
+
+def _build(library_path: str) -> None:
+    os.makedirs(os.path.dirname(library_path), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(library_path), prefix=".build-") as workdir:
+        source_path = os.path.join(workdir, "polyglu_mix.cpp")
+        staged = os.path.join(workdir, os.path.basename(library_path))
+        with open(source_path, "w") as handle:
+            handle.write(_SOURCE)
+        result = subprocess.run(_compile_command(source_path, staged), capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr.strip()[-2000:] or f"compiler exited with {result.returncode}")
+        os.replace(staged, library_path)
+
+
+def kernel_enabled() -> bool:
+    """Use the C++ CPU kernel? Off with POLYGLU_DISABLE_CPU_KERNEL=1, or once building or loading it failed."""
+    if os.environ.get(_DISABLE_ENV, "0") not in ("", "0"):
+        return False
+    return not _LIBRARY.get("failed", False)
+
+
+def load_library() -> Optional[ctypes.CDLL]:
+    """The compiled kernel library (building it on first use), or None where it cannot be built or loaded."""
+    if not kernel_enabled():
+        return None
+    if "library" in _LIBRARY:
+        return _LIBRARY["library"]
+    try:
+        path = _library_path()
+        if not os.path.exists(path):
+            _build(path)
+        library = ctypes.CDLL(path)
+        for name in ("polyglu_rowwise_forward", "polyglu_rowwise_backward", "polyglu_neuron_token_forward",
+                     "polyglu_neuron_token_backward"):
+            getattr(library, name).restype = ctypes.c_int
+    except Exception as error:  # no compiler, read-only home, unsupported platform: use the torch.compile path
+        _LIBRARY["failed"] = True
+        warnings.warn(f"Could not build polyglu's C++ CPU mixing kernel ({type(error).__name__}: {error}); using the "
+                      f"torch.compile path. Set {_DISABLE_ENV}=1 to skip the attempt.", RuntimeWarning, stacklevel=3)
+        return None
+    _LIBRARY["library"] = library
+    return library
+
+
+def uses_neuron_table(static_logits: Optional[torch.Tensor], normalization: str) -> bool:
+    """PolyGLU's case: softmax over a per-neuron table (plus a per-token one); every other mixer is row-wise."""
+    return static_logits is not None and static_logits.shape[-1] > 1 and normalization == "softmax"
+
+
+def supports(gate, up, activations, static_logits, token_logits, normalization) -> bool:
+    """Can the kernel take these inputs? fp32 CPU activations, at most MAX_ACTIVATIONS known activations, and
+    coefficients that are per row or PolyGLU's per-neuron softmax (logits K-major: [K, S, 1, Fs], [K, B, T, 1])."""
+    tensors = [t for t in (gate, up) if t is not None]
+    per_neuron_linear = static_logits is not None and static_logits.shape[-1] > 1 and normalization == "linear"
+    return (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and 1 <= len(activations) <= MAX_ACTIVATIONS
+        and all(name in ACTIVATION_CODES for name in activations)
+        and gate.numel() > 0
+        and not per_neuron_linear
+    )
+
+
+def _pointer(tensor: Optional[torch.Tensor]) -> ctypes.c_void_p:
+    return ctypes.c_void_p(None if tensor is None else tensor.data_ptr())
+
+
+def _check(status: int, name: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"{name} rejected its arguments (status {status})")
+
+
+def _codes(activations) -> torch.Tensor:
+    return torch.tensor([ACTIVATION_CODES[name] for name in activations], dtype=torch.int32)
+
+
+def _row_coefficients(static_logits, token_logits, batch, length, tau, normalization, hard):
+    """(applied [K, R], soft [K, R]) when the coefficients are constant along each row; (None, None) if fixed."""
+    if static_logits is None and token_logits is None:
+        return None, None
+    parts = [t.float() for t in (static_logits, token_logits) if t is not None]
+    num = parts[0].shape[0]
+    logits = torch.zeros(num, batch, length, 1, dtype=torch.float32)
+    for part in parts:
+        logits = logits + part  # [K, S, 1, 1] or [K, B, T, 1]
+    logits = logits.reshape(num, batch * length)
+    if normalization == "linear":
+        return logits.contiguous(), None
+    soft = torch.softmax(logits / tau, dim=0).contiguous()
+    if not hard:
+        return soft, soft
+    applied = torch.zeros_like(soft).scatter_(0, soft.argmax(dim=0, keepdim=True), 1.0)
+    return applied, soft
+
+
+class _NeuronTokenTables:
+    """PolyGLU's tables in the kernel's layouts: static [K, S, F] and token [K, R], as scaled logits and factors."""
+
+    def __init__(self, static_logits, token_logits, batch, length, tau):
+        self.inv_tau = 1.0 / tau
+        self.S = static_logits.shape[1]
+        num = static_logits.shape[0]
+        self.static_z, self.static_factor = self._table(static_logits.reshape(num, -1))
+        if token_logits is None:
+            token_logits = torch.zeros(num, batch * length, dtype=torch.float32)
+        self.token_z, self.token_factor = self._table(token_logits.reshape(num, -1))
+
+    def _table(self, logits: torch.Tensor):
+        z = (logits.float() * self.inv_tau).contiguous()
+        factor = torch.exp(torch.clamp(z - z.amax(dim=0, keepdim=True), min=FACTOR_FLOOR)).contiguous()
+        return z, factor
+
+    def arguments(self) -> list:
+        return [_pointer(self.static_z), _pointer(self.static_factor), _pointer(self.token_z),
+                _pointer(self.token_factor), ctypes.c_int64(self.S)]
+
+
+def _rows_per_block(batch: int, length: int, threads: int) -> int:
+    # blocks never straddle sequences (static logits may be per sequence); enough blocks to keep every thread busy
+    blocks_wanted = 4 * threads if threads > 1 else 1
+    per_sequence = max(1, -(-blocks_wanted // batch))
+    return max(1, -(-length // per_sequence))
+
+
+def mix_forward(library, gate, up, static_logits, token_logits, activations, tau, normalization, hard):
+    """``u ⊙ Σ_k c_k φ_k(g)`` ([B, T, F], fp32); the logits in activation_mixing's K-major layouts."""
+    batch, length, width = gate.shape
+    gate = gate.contiguous()
+    up = None if up is None else up.contiguous()
+    out = torch.empty_like(gate)
+    codes, num, threads = _codes(activations), len(activations), torch.get_num_threads()
+    if uses_neuron_table(static_logits, normalization):
+        tables = _NeuronTokenTables(static_logits, token_logits, batch, length, tau)
+        _check(library.polyglu_neuron_token_forward(
+            _pointer(gate), _pointer(up), _pointer(out), _pointer(codes), ctypes.c_int64(num), *tables.arguments(),
+            ctypes.c_int64(batch * length), ctypes.c_int64(length), ctypes.c_int64(width),
+            ctypes.c_float(tables.inv_tau), ctypes.c_int32(int(hard)), ctypes.c_int32(threads),
+        ), "polyglu_neuron_token_forward")
+    else:
+        applied, _ = _row_coefficients(static_logits, token_logits, batch, length, tau, normalization, hard)
+        _check(library.polyglu_rowwise_forward(
+            _pointer(gate), _pointer(up), _pointer(out), _pointer(codes), ctypes.c_int64(num), _pointer(applied),
+            ctypes.c_int64(batch * length), ctypes.c_int64(width), ctypes.c_int32(threads),
+        ), "polyglu_rowwise_forward")
+    return out
+
+
+def mix_backward(library, grad_out, gate, up, static_logits, token_logits, activations, tau, normalization, hard,
+                 needs):
+    """(grad_gate, grad_up, grad_static [K, S, 1, Fs], grad_token [K, B, T, 1]); None where ``needs`` is False."""
+    batch, length, width = gate.shape
+    rows, num, threads = batch * length, len(activations), torch.get_num_threads()
+    grad_out, gate = grad_out.contiguous(), gate.contiguous()
+    up = None if up is None else up.contiguous()
+    grad_gate = torch.empty_like(gate) if needs[0] else None
+    grad_up = torch.empty_like(up) if up is not None and needs[1] else None
+    needs_static = static_logits is not None and needs[2]
+    needs_token = token_logits is not None and needs[3]
+    codes = _codes(activations)
+    if uses_neuron_table(static_logits, normalization):
+        tables = _NeuronTokenTables(static_logits, token_logits, batch, length, tau)
+        rows_per_block = _rows_per_block(batch, length, threads)
+        num_blocks = batch * -(-length // rows_per_block)
+        static_partial = gate.new_empty(num_blocks, num, width) if needs_static else None
+        token_grad = gate.new_empty(num, rows) if needs_token else None
+        _check(library.polyglu_neuron_token_backward(
+            _pointer(grad_out), _pointer(gate), _pointer(up), _pointer(grad_gate), _pointer(grad_up),
+            _pointer(static_partial), _pointer(token_grad), _pointer(codes), ctypes.c_int64(num),
+            *tables.arguments(), ctypes.c_int64(rows), ctypes.c_int64(length), ctypes.c_int64(width),
+            ctypes.c_float(tables.inv_tau), ctypes.c_int32(int(hard)), ctypes.c_int64(rows_per_block),
+            ctypes.c_int32(threads),
+        ), "polyglu_neuron_token_backward")
+        grad_static = None
+        if static_partial is not None:
+            per_sequence = static_partial.view(batch, -1, num, width).sum(dim=1)  # [B, K, F]
+            if tables.S == 1:
+                per_sequence = per_sequence.sum(dim=0, keepdim=True)
+            grad_static = per_sequence.permute(1, 0, 2).unsqueeze(2)  # [K, S, 1, F]
+        row_grads = token_grad
+    else:
+        applied, soft = _row_coefficients(static_logits, token_logits, batch, length, tau, normalization, hard)
+        products = gate.new_empty(num, rows) if needs_static or needs_token else None
+        _check(library.polyglu_rowwise_backward(
+            _pointer(grad_out), _pointer(gate), _pointer(up), _pointer(grad_gate), _pointer(grad_up),
+            _pointer(products), _pointer(codes), ctypes.c_int64(num), _pointer(applied), _pointer(soft),
+            ctypes.c_int64(rows), ctypes.c_int64(width), ctypes.c_int32(threads),
+        ), "polyglu_rowwise_backward")
+        row_grads = grad_static = None
+        if products is not None:
+            # linear: Σ_f (dy ⊙ u) φ_k; softmax: w_k Σ_f (dy ⊙ u)(φ_k - Σ_j w_j φ_j) / τ
+            row_grads = products if normalization == "linear" else soft * products / tau
+            if needs_static:
+                per_sequence = row_grads.view(num, batch, length).sum(dim=2)  # [K, B]
+                if static_logits.shape[1] == 1:
+                    per_sequence = per_sequence.sum(dim=1, keepdim=True)
+                grad_static = per_sequence.view(num, -1, 1, 1)
+    grad_token = row_grads.view(num, batch, length, 1).to(token_logits.dtype) if needs_token else None
+    if grad_static is not None:
+        grad_static = grad_static.to(static_logits.dtype)
+    return grad_gate, grad_up, grad_static, grad_token
