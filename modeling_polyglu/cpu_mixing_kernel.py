@@ -174,9 +174,9 @@ inline float lane_sum(const Vec& v) {
 
 inline int64_t lanes_at(int64_t f, int64_t F) { return F - f < kLanes ? F - f : kLanes; }
 
-// ---- coefficients constant along a row (per token, per layer, or a single activation) -----------------------
-// weights [K, R] (nullptr: K = 1 with coefficient 1). A zero coefficient skips its activation, which is what hard
-// routing at inference needs: one activation evaluated per token.
+// ---- coefficients constant along a row (per token or per layer) ---------------------------------------------
+// weights [K, R]. A zero coefficient skips its activation, which is what hard routing at inference needs: one
+// activation evaluated per token.
 
 template <int K>
 void rowwise_forward(const float* gate, const float* up, float* out, const int32_t* codes, const float* weights,
@@ -184,7 +184,7 @@ void rowwise_forward(const float* gate, const float* up, float* out, const int32
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t r = 0; r < R; ++r) {
     float w[K];
-    for (int k = 0; k < K; ++k) w[k] = weights ? weights[k * R + r] : 1.0f;
+    for (int k = 0; k < K; ++k) w[k] = weights[k * R + r];
     for (int64_t f = 0; f < F; f += kLanes) {
       const int64_t n = lanes_at(f, F);
       const Vec g = Vec::loadu(gate + r * F + f, n);
@@ -213,7 +213,7 @@ void rowwise_backward(const float* grad_out, const float* gate, const float* up,
     float w[K], soft_w[K];
     Vec products[K];
     for (int k = 0; k < K; ++k) {
-      w[k] = weights ? weights[k * R + r] : 1.0f;
+      w[k] = weights[k * R + r];
       soft_w[k] = soft ? soft[k * R + r] : 0.0f;
       products[k] = Vec(0.0f);
     }
@@ -245,12 +245,13 @@ void rowwise_backward(const float* grad_out, const float* gate, const float* up,
 }
 
 // ---- PolyGLU: softmax_k((s_k[f] + t_k[r]) / tau), a per-neuron table plus a per-token one ------------------
-// static [K, S, F] (S in {1, B}: shared or per sequence) and token [K, R] tables, each as scaled logits z and
-// factors exp(max(z - max_k z, -43)).
+// static [K, S, F] (S in {1, B}: shared or per sequence) and token [K, R] tables, each as logits l and factors
+// exp(max((l - max_k l) / tau, -43)). The logits stay unscaled so that the exact path rounds (s + t) / tau in the
+// naive order: with sharp routing (|l| / tau in the hundreds) scaling first would cost several ulps of weight.
 struct NeuronTokenTables {
-  const float* static_z;
+  const float* static_logits;
   const float* static_factor;
-  const float* token_z;
+  const float* token_logits;
   const float* token_factor;
   int64_t S, R, T, F;
   float inv_tau;
@@ -258,23 +259,25 @@ struct NeuronTokenTables {
 
 template <int K>
 struct RowTables {
-  const float* static_z[K];
+  const float* static_logits[K];
   const float* static_factor[K];
-  float token_z[K];
+  float token_logits[K];
   float token_factor[K];
+  float inv_tau;
 
   RowTables(const NeuronTokenTables& tables, int64_t r) {
     const int64_t s = tables.S > 1 ? r / tables.T : 0;
     for (int k = 0; k < K; ++k) {
-      static_z[k] = tables.static_z + (k * tables.S + s) * tables.F;
+      static_logits[k] = tables.static_logits + (k * tables.S + s) * tables.F;
       static_factor[k] = tables.static_factor + (k * tables.S + s) * tables.F;
-      token_z[k] = tables.token_z[k * tables.R + r];
+      token_logits[k] = tables.token_logits[k * tables.R + r];
       token_factor[k] = tables.token_factor[k * tables.R + r];
     }
+    inv_tau = tables.inv_tau;
   }
 
   void logits(int64_t f, int64_t n, Vec* z) const {
-    for (int k = 0; k < K; ++k) z[k] = Vec::loadu(static_z[k] + f, n) + Vec(token_z[k]);
+    for (int k = 0; k < K; ++k) z[k] = Vec::loadu(static_logits[k] + f, n) + Vec(token_logits[k]);
   }
 
   // softmax weights at columns [f, f + n): factorised, or exact where the factorised denominator is too small
@@ -288,6 +291,7 @@ struct RowTables {
     if (any_lane(total < Vec(kExactThreshold))) {
       Vec z[K];
       logits(f, n, z);
+      for (int k = 0; k < K; ++k) z[k] = z[k] * Vec(inv_tau);
       Vec top = z[0];
       for (int k = 1; k < K; ++k) top = at::vec::maximum(top, z[k]);
       total = Vec(0.0f);
@@ -300,7 +304,7 @@ struct RowTables {
     for (int k = 0; k < K; ++k) weight[k] = weight[k] * inverse;
   }
 
-  // lane masks of the argmax activation (ties to the lowest index, as torch.argmax)
+  // lane masks of the argmax activation (ties to the lowest index, as torch.argmax); tau > 0 does not change it
   void hard_choice(int64_t f, int64_t n, Vec* chosen) const {
     Vec z[K];
     logits(f, n, z);
@@ -427,11 +431,11 @@ extern "C" int polyglu_rowwise_backward(const float* grad_out, const float* gate
 }
 
 extern "C" int polyglu_neuron_token_forward(const float* gate, const float* up, float* out, const int32_t* codes,
-                                            int64_t num_activations, const float* static_z,
-                                            const float* static_factor, const float* token_z,
+                                            int64_t num_activations, const float* static_logits,
+                                            const float* static_factor, const float* token_logits,
                                             const float* token_factor, int64_t S, int64_t R, int64_t T, int64_t F,
                                             float inv_tau, int32_t hard, int32_t threads) {
-  const NeuronTokenTables tables{static_z, static_factor, token_z, token_factor, S, R, T, F, inv_tau};
+  const NeuronTokenTables tables{static_logits, static_factor, token_logits, token_factor, S, R, T, F, inv_tau};
   if (hard) {
     POLYGLU_DISPATCH_K(num_activations, (neuron_token_forward<K, true>(gate, up, out, codes, tables, threads)));
   }
@@ -441,11 +445,11 @@ extern "C" int polyglu_neuron_token_forward(const float* gate, const float* up, 
 extern "C" int polyglu_neuron_token_backward(const float* grad_out, const float* gate, const float* up,
                                              float* grad_gate, float* grad_up, float* static_partial,
                                              float* token_grad, const int32_t* codes, int64_t num_activations,
-                                             const float* static_z, const float* static_factor,
-                                             const float* token_z, const float* token_factor, int64_t S, int64_t R,
+                                             const float* static_logits, const float* static_factor,
+                                             const float* token_logits, const float* token_factor, int64_t S, int64_t R,
                                              int64_t T, int64_t F, float inv_tau, int32_t hard,
                                              int64_t rows_per_block, int32_t threads) {
-  const NeuronTokenTables tables{static_z, static_factor, token_z, token_factor, S, R, T, F, inv_tau};
+  const NeuronTokenTables tables{static_logits, static_factor, token_logits, token_factor, S, R, T, F, inv_tau};
   if (hard) {
     POLYGLU_DISPATCH_K(num_activations, (neuron_token_backward<K, true>(grad_out, gate, up, grad_gate, grad_up,
         static_partial, token_grad, codes, tables, rows_per_block, threads)));
@@ -479,7 +483,6 @@ def _compile_command(source_path: str, library_path: str) -> list:
         compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno",
         *_CAPABILITY_FLAGS.get(_cpu_capability(), []),
         "-I", os.path.join(torch_dir, "include"),
-        *os.environ.get("POLYGLU_EXTRA_CFLAGS", "").split(),
         source_path, "-o", library_path,
         "-L", os.path.join(torch_dir, "lib"), "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{os.path.join(torch_dir, 'lib')}",
     ]
@@ -491,7 +494,7 @@ def _cache_dir() -> str:
 
 
 def _library_path() -> str:
-    key = "\0".join([_SOURCE, _cpu_capability(), torch.__version__, sys.platform, os.environ.get("POLYGLU_EXTRA_CFLAGS", "")])
+    key = "\0".join([_SOURCE, _cpu_capability(), torch.__version__, sys.platform])
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     return os.path.join(_cache_dir(), f"polyglu_mix_{digest}.so")
 
@@ -546,11 +549,16 @@ def uses_neuron_table(static_logits: Optional[torch.Tensor], normalization: str)
 
 def supports(gate, up, activations, static_logits, token_logits, normalization) -> bool:
     """Can the kernel take these inputs? fp32 CPU activations, at most MAX_ACTIVATIONS known activations, and
-    coefficients that are per row or PolyGLU's per-neuron softmax (logits K-major: [K, S, 1, Fs], [K, B, T, 1])."""
+    coefficients that are per row or PolyGLU's per-neuron softmax (logits K-major: [K, S, 1, Fs], [K, B, T, 1]).
+
+    A single fixed activation (SwiGLU, GeGLU, ...) is left to torch's own kernels, which keep those variants equal
+    to transformers' models to the last bit.
+    """
     tensors = [t for t in (gate, up) if t is not None]
     per_neuron_linear = static_logits is not None and static_logits.shape[-1] > 1 and normalization == "linear"
     return (
-        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        (static_logits is not None or token_logits is not None)
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
         and 1 <= len(activations) <= MAX_ACTIVATIONS
         and all(name in ACTIVATION_CODES for name in activations)
         and gate.numel() > 0
@@ -572,9 +580,7 @@ def _codes(activations) -> torch.Tensor:
 
 
 def _row_coefficients(static_logits, token_logits, batch, length, tau, normalization, hard):
-    """(applied [K, R], soft [K, R]) when the coefficients are constant along each row; (None, None) if fixed."""
-    if static_logits is None and token_logits is None:
-        return None, None
+    """(applied [K, R], soft [K, R] or None if linear) when the coefficients are constant along each row."""
     parts = [t.float() for t in (static_logits, token_logits) if t is not None]
     num = parts[0].shape[0]
     logits = torch.zeros(num, batch, length, 1, dtype=torch.float32)
@@ -591,24 +597,24 @@ def _row_coefficients(static_logits, token_logits, batch, length, tau, normaliza
 
 
 class _NeuronTokenTables:
-    """PolyGLU's tables in the kernel's layouts: static [K, S, F] and token [K, R], as scaled logits and factors."""
+    """PolyGLU's tables in the kernel's layouts: static [K, S, F] and token [K, R], as logits and factors."""
 
     def __init__(self, static_logits, token_logits, batch, length, tau):
         self.inv_tau = 1.0 / tau
         self.S = static_logits.shape[1]
         num = static_logits.shape[0]
-        self.static_z, self.static_factor = self._table(static_logits.reshape(num, -1))
+        self.static_logits, self.static_factor = self._table(static_logits.reshape(num, -1))
         if token_logits is None:
             token_logits = torch.zeros(num, batch * length, dtype=torch.float32)
-        self.token_z, self.token_factor = self._table(token_logits.reshape(num, -1))
+        self.token_logits, self.token_factor = self._table(token_logits.reshape(num, -1))
 
     def _table(self, logits: torch.Tensor):
-        z = (logits.float() * self.inv_tau).contiguous()
-        factor = torch.exp(torch.clamp(z - z.amax(dim=0, keepdim=True), min=FACTOR_FLOOR)).contiguous()
-        return z, factor
+        logits = logits.float().contiguous()
+        exponent = (logits - logits.amax(dim=0, keepdim=True)) * self.inv_tau
+        return logits, torch.exp(torch.clamp(exponent, min=FACTOR_FLOOR)).contiguous()
 
     def arguments(self) -> list:
-        return [_pointer(self.static_z), _pointer(self.static_factor), _pointer(self.token_z),
+        return [_pointer(self.static_logits), _pointer(self.static_factor), _pointer(self.token_logits),
                 _pointer(self.token_factor), ctypes.c_int64(self.S)]
 
 

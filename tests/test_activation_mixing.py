@@ -1,6 +1,7 @@
 """The fused activation-mixing op against the naive [B, T, F, K] implementation: values and every gradient.
 
-Tolerances: fp32 within 1e-5 norm-wise relative (‖a−b‖/‖b‖), fp64 gradcheck, bf16 within 2e-2 of the fp32 result.
+Tolerances: fp32 within 1e-5 norm-wise relative (‖a−b‖/‖b‖) for both fp32 CPU backends (the C++ kernel and the
+torch functions), fp64 gradcheck, bf16 within 2e-2 of the fp32 result.
 """
 
 import pytest
@@ -61,10 +62,17 @@ def compare(layout, shape, hard=False, gated=True, tau=0.7, dtype=torch.float32)
     return relative(fused, naive), [relative(a, b) for a, b in zip(fused_grads, naive_grads)]
 
 
+@pytest.fixture(params=["cpu_kernel", "torch"])
+def backend(request, monkeypatch):
+    """fp32 on CPU runs the C++ kernel; with it disabled, the torch functions (eager in the test suite)."""
+    monkeypatch.setenv("POLYGLU_DISABLE_CPU_KERNEL", "0" if request.param == "cpu_kernel" else "1")
+    return request.param
+
+
 @pytest.mark.parametrize("layout", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
 @pytest.mark.parametrize("hard", [False, True])
 @pytest.mark.parametrize("gated", [True, False])
-def test_fused_matches_naive_in_fp32_on_odd_shapes(layout, hard, gated):
+def test_fused_matches_naive_in_fp32_on_odd_shapes(layout, hard, gated, backend):
     value_error, gradient_errors = compare(layout, (6, 42, 123), hard=hard, gated=gated)
     assert value_error <= 1e-5
     assert max(gradient_errors) <= 1e-5, gradient_errors
