@@ -40,14 +40,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import activation_mixing
+from . import activation_mixing, cpu_mixing_kernel
 from .configuration_polyglu import FFN_TYPES, PolyGLUConfig
 from .modeling_polyglu import PolyGLUForCausalLM, PolyGLUMLP
 
-SUITES = ("ffn", "step", "decode", "generate")
+SUITES = ("ffn", "hard", "step", "decode", "generate")
 RECOMPILE_LIMIT = 64
 SATURATED_ALPHA_STD = 100.0
 _DISABLE_COMPILE_ENV = "POLYGLU_DISABLE_COMPILE"
+_DISABLE_CPU_KERNEL_ENV = "POLYGLU_DISABLE_CPU_KERNEL"
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sizes
@@ -74,7 +75,7 @@ GENERATE_MODEL_QUICK = STEP_MODEL_QUICK
 GENERATE_PROMPT, GENERATE_LENGTHS = 128, (64, 128, 256)
 GENERATE_PROMPT_QUICK, GENERATE_LENGTHS_QUICK = 8, (4, 8)
 
-DEFAULT_REPEATS = {"ffn": 5, "step": 3, "decode": 5, "generate": 3}
+DEFAULT_REPEATS = {"ffn": 5, "hard": 7, "step": 3, "decode": 5, "generate": 3}
 QUICK_REPEATS = 1
 
 
@@ -218,22 +219,29 @@ def _dynamo_config():
 
 
 @contextmanager
-def _compile_disabled():
-    previous = os.environ.get(_DISABLE_COMPILE_ENV)
-    os.environ[_DISABLE_COMPILE_ENV] = "1"
+def _environment(overrides: dict):
+    """Set environment variables for the duration of the block (the mixing backends read them at every call)."""
+    previous = {name: os.environ.get(name) for name in overrides}
+    os.environ.update(overrides)
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop(_DISABLE_COMPILE_ENV, None)
-        else:
-            os.environ[_DISABLE_COMPILE_ENV] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _compilation_state(device_type: str = "cpu") -> Optional[bool]:
     """Whether the fused mixing kernels are torch.compile'd here (None: this version never compiles them)."""
     check = getattr(activation_mixing, "compilation_enabled", None)
     return None if check is None else bool(check(device_type))
+
+
+def _cpu_kernel_available() -> bool:
+    """Whether the C++ CPU mixing kernel is built (building it now if needed) and enabled."""
+    return cpu_mixing_kernel.load_library() is not None
 
 
 def _perturb(parameters, generator: torch.Generator, std: float = 1.0) -> None:
@@ -286,6 +294,7 @@ def environment_info(threads: int) -> dict:
         "threads": threads,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "mixing_kernels_compiled_cpu": _compilation_state("cpu"),
+        "cpu_mixing_kernel": _cpu_kernel_available(),
         "dynamo_recompile_limit": getattr(_dynamo_config(), "recompile_limit", None),
         "load_average_start": _load_average(),
     }
@@ -376,35 +385,41 @@ def _reference_mlp(hidden, intermediate, generator) -> nn.Module:
 
 
 def ffn_contender_specs(hidden: int, intermediate: int, generator: torch.Generator, ffn_types=FFN_TYPES) -> list:
-    """(name, kind, module, compile_disabled) of every contender of one ffn case, baselines first."""
+    """(name, kind, module, environment overrides) of every contender of one ffn case, baselines first."""
     specs = [
-        ("qwen3_mlp", "transformers Qwen3MLP (eager)", _qwen3_mlp(hidden, intermediate, generator), False),
+        ("qwen3_mlp", "transformers Qwen3MLP (eager)", _qwen3_mlp(hidden, intermediate, generator), {}),
         ("reference_polyglu", "reference-style PolyGLU (stacked [B,T,F,K], sequence mean, gumbel)",
-         _reference_mlp(hidden, intermediate, generator), False),
+         _reference_mlp(hidden, intermediate, generator), {}),
     ]
     ordered = ["swiglu"] + [t for t in ffn_types if t != "swiglu"]
     for ffn_type in ordered:
         specs.append((ffn_type, "project PolyGLUMLP (fused)", _project_mlp(hidden, intermediate, ffn_type, generator),
-                      False))
+                      {}))
     if "polyglu" in ffn_types:
         specs.append(("polyglu[naive]", "project PolyGLUMLP, mixing_backend=naive",
-                      _project_mlp(hidden, intermediate, "polyglu", generator, mixing_backend="naive"), False))
+                      _project_mlp(hidden, intermediate, "polyglu", generator, mixing_backend="naive"), {}))
         specs.append(("polyglu[sequence]", "project PolyGLUMLP, routing_pooling=sequence (reference semantics)",
-                      _project_mlp(hidden, intermediate, "polyglu", generator, routing_pooling="sequence"), False))
+                      _project_mlp(hidden, intermediate, "polyglu", generator, routing_pooling="sequence"), {}))
         specs.append(("polyglu[token]", "project PolyGLUMLP, routing_pooling=token",
-                      _project_mlp(hidden, intermediate, "polyglu", generator, routing_pooling="token"), False))
+                      _project_mlp(hidden, intermediate, "polyglu", generator, routing_pooling="token"), {}))
         specs.append(("polyglu[tau=0.1]", "project PolyGLUMLP, routing_tau=0.1 (the released model's τ: sharp routing)",
-                      _project_mlp(hidden, intermediate, "polyglu", generator, routing_tau=0.1), False))
+                      _project_mlp(hidden, intermediate, "polyglu", generator, routing_tau=0.1), {}))
         for backend in ("fused", "naive"):
             saturated = _project_mlp(hidden, intermediate, "polyglu", generator, mixing_backend=backend)
             _perturb([("alpha", saturated.router.alpha)], generator, std=SATURATED_ALPHA_STD)
             specs.append((f"polyglu[{'naive,' if backend == 'naive' else ''}saturated]",
                           f"project PolyGLUMLP ({backend}), α perturbed with std {SATURATED_ALPHA_STD:g}: most "
                           "exp(z - max) of the softmax underflow (routing far sharper than any trained model's)",
-                          saturated, False))
+                          saturated, {}))
+        if _cpu_kernel_available():
+            specs.append(("polyglu[torch.compile]", f"project PolyGLUMLP (fused), {_DISABLE_CPU_KERNEL_ENV}=1: the "
+                          "torch.compile'd mixing functions instead of the C++ kernel",
+                          _project_mlp(hidden, intermediate, "polyglu", generator), {_DISABLE_CPU_KERNEL_ENV: "1"}))
         if _compilation_state("cpu") is not None:
-            specs.append(("polyglu[no-compile]", f"project PolyGLUMLP (fused), {_DISABLE_COMPILE_ENV}=1",
-                          _project_mlp(hidden, intermediate, "polyglu", generator), True))
+            specs.append(("polyglu[eager]", f"project PolyGLUMLP (fused), {_DISABLE_CPU_KERNEL_ENV}=1 and "
+                          f"{_DISABLE_COMPILE_ENV}=1: the mixing functions run eagerly",
+                          _project_mlp(hidden, intermediate, "polyglu", generator),
+                          {_DISABLE_CPU_KERNEL_ENV: "1", _DISABLE_COMPILE_ENV: "1"}))
     return specs
 
 
@@ -415,7 +430,7 @@ def _ffn_case(hidden, intermediate, batch, tokens, device, dtype, repeats, warmu
     grad_output = torch.randn(batch, tokens, hidden, generator=generator).to(device, dtype)
 
     contenders, saved, params = {}, {}, {}
-    for name, _, module, no_compile in specs:
+    for name, _, module, overrides in specs:
         module.to(device, dtype)
         router = getattr(module, "router", None)
         if router is not None:
@@ -433,9 +448,9 @@ def _ffn_case(hidden, intermediate, batch, tokens, device, dtype, repeats, warmu
         def forward_only(module=module):
             return module(x)
 
-        if no_compile:
-            forward_backward = _with_compile_disabled(forward_backward)
-            forward_only = _with_compile_disabled(forward_only)
+        if overrides:
+            forward_backward = _with_environment(forward_backward, overrides)
+            forward_only = _with_environment(forward_only, overrides)
         contenders[name] = timed(forward_backward, device)
         forward_backward()  # builds (compiles) the kernels before the saved-bytes pass
         saved[name] = saved_tensor_bytes(forward_only, exclude=parameters)
@@ -472,9 +487,9 @@ def _ffn_case(hidden, intermediate, batch, tokens, device, dtype, repeats, warmu
     }
 
 
-def _with_compile_disabled(function):
+def _with_environment(function, overrides: dict):
     def run():
-        with _compile_disabled():
+        with _environment(overrides):
             return function()
 
     return run
@@ -495,6 +510,83 @@ def run_ffn_suite(args) -> dict:
         "description": "FFN block forward+backward (training mode; polyglu draws Gumbel noise as in training) and "
                        "bytes saved for backward (parameters excluded, storages de-duplicated). Ratios are of "
                        "medians over interleaved repetitions.",
+        "cases": results,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# hard: soft vs hard routing at inference
+# ----------------------------------------------------------------------------------------------------------------
+
+# (label, ffn_type, config overrides) of the routed mixers whose hard routing is compared with their soft routing
+HARD_ROUTING_CONTENDERS = (
+    ("polyglu", "polyglu", {}),
+    ("polyglu[token]", "polyglu", {"routing_pooling": "token"}),
+    ("moa", "moa", {}),
+    ("dualglu", "dualglu", {}),
+    ("dualglu[learned_static]", "dualglu", {"dualglu_mixing": "learned_static"}),
+)
+
+
+def _hard_case(hidden, intermediate, batch, tokens, repeats, warmup, ffn_types, seed) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, hidden, generator=generator)
+    modules = {"swiglu": _project_mlp(hidden, intermediate, "swiglu", generator)}
+    pairs = []
+    for label, ffn_type, overrides in HARD_ROUTING_CONTENDERS:
+        if ffn_type not in ffn_types:
+            continue
+        soft = _project_mlp(hidden, intermediate, ffn_type, generator, **overrides)
+        hard = PolyGLUMLP(_ffn_config(hidden, intermediate, ffn_type, routing_hard=True, **overrides), 0)
+        hard.load_state_dict(soft.state_dict())  # the same weights and routers: only the mixing differs
+        modules[label], modules[f"{label}[hard]"] = soft, hard
+        pairs.append(label)
+
+    def inference(module):
+        def run():
+            with torch.no_grad():
+                module(x)
+        return run
+
+    contenders = {}
+    for name, module in modules.items():
+        module.eval()
+        contenders[name] = timed(inference(module), torch.device("cpu"))
+    samples = run_interleaved(contenders, repeats, warmup)
+    times = {name: summarize(metrics["seconds"]) for name, metrics in samples.items()}
+    rows = []
+    for label in pairs:
+        soft, hard = times[label], times[f"{label}[hard]"]
+        rows.append({
+            "contender": label,
+            "soft_ms": soft["median"] * 1e3,
+            "hard_ms": hard["median"] * 1e3,
+            "hard_rel_spread": hard["rel_spread"],
+            "hard_vs_soft": ratio(hard["median"], soft["median"]),
+            "hard_vs_soft_paired": paired_ratio(hard["samples"], soft["samples"]),
+            "soft_vs_swiglu": ratio(soft["median"], times["swiglu"]["median"]),
+            "soft_samples_ms": [value * 1e3 for value in soft["samples"]],
+            "hard_samples_ms": [value * 1e3 for value in hard["samples"]],
+        })
+    return {
+        "case": f"float32 cpu d={hidden} F={intermediate} tokens={batch}x{tokens}",
+        "hidden_size": hidden, "intermediate_size": intermediate, "batch": batch, "tokens": tokens,
+        "swiglu_ms": times["swiglu"]["median"] * 1e3,
+        "rows": rows,
+    }
+
+
+def run_hard_suite(args) -> dict:
+    cases = FFN_CASES_QUICK if args.quick else FFN_CASES
+    results = []
+    for hidden, intermediate, batch, tokens in cases:
+        _progress(args, f"hard: float32 cpu d={hidden} F={intermediate} {batch}x{tokens}")
+        results.append(_hard_case(hidden, intermediate, batch, tokens, args.repeats, args.warmup, args.ffn_types,
+                                  args.seed))
+    return {
+        "description": "FFN block forward at inference (eval mode, no_grad), the same module with routing_hard "
+                       "True and False. Hard routing evaluates one activation per neuron (static choice, grouped) "
+                       "or per token (MoA, DualGLU), or selects per element (PolyGLU) without the softmax.",
         "cases": results,
     }
 
@@ -695,7 +787,7 @@ def _progress(args, message: str) -> None:
         print(f"[polyglu bench] {message}", file=sys.stderr, flush=True)
 
 
-RUNNERS = {"ffn": run_ffn_suite, "step": run_step_suite, "decode": run_decode_suite, "generate": run_generate_suite}
+RUNNERS = {"ffn": run_ffn_suite, "hard": run_hard_suite, "step": run_step_suite, "decode": run_decode_suite, "generate": run_generate_suite}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -733,6 +825,11 @@ FFN_COLUMNS = [
     ("time / Qwen3MLP", "time_vs_qwen3_mlp", ".2f"),
     ("saved", "saved_bytes", "bytes"), ("saved / Qwen3MLP", "saved_vs_qwen3_mlp", ".2f"),
 ]
+HARD_COLUMNS = [
+    ("mixer", "contender", ""), ("soft ms", "soft_ms", ".1f"), ("hard ms", "hard_ms", ".1f"),
+    ("spread", "hard_rel_spread", "pct"), ("hard / soft", "hard_vs_soft", ".2f"), ("paired", "hard_vs_soft_paired", ".2f"),
+    ("soft / swiglu", "soft_vs_swiglu", ".2f"),
+]
 STEP_COLUMNS = [
     ("ffn_type", "contender", ""), ("params", "params", ","), ("step ms", "time_ms", ".0f"),
     ("spread", "time_rel_spread", "pct"), ("step / swiglu", "time_vs_swiglu", ".2f"),
@@ -756,13 +853,17 @@ def render(results: dict) -> str:
         f"PolyGLU benchmarks — {meta['date_utc']}, {meta['cpu']} ({meta['cpu_count']} cores, {meta['threads']} "
         f"thread(s)), torch {meta['torch']}, transformers {meta['transformers']}, repeats {meta['repeats']}"
         f"{' (quick sizes)' if meta['quick'] else ''}, fused mixing kernels compiled on CPU: "
-        f"{meta['mixing_kernels_compiled_cpu']}; spread = ±half of (max - min) / median; paired = median over "
+        f"{meta['mixing_kernels_compiled_cpu']}, C++ CPU kernel: {meta.get('cpu_mixing_kernel')}; spread = ±half of (max - min) / median; paired = median over "
         "repetitions of the per-repetition ratio."
     ]
     suites = results["suites"]
     if "ffn" in suites:
         for case in suites["ffn"]["cases"]:
             parts.append(f"### ffn: {case['case']} (forward + backward)\n\n" + markdown_table(case["rows"], FFN_COLUMNS))
+    if "hard" in suites:
+        for case in suites["hard"]["cases"]:
+            parts.append(f"### hard: {case['case']} (forward at inference, soft vs hard routing; swiglu "
+                         f"{case['swiglu_ms']:.1f} ms)\n\n" + markdown_table(case["rows"], HARD_COLUMNS))
     if "step" in suites:
         step = suites["step"]
         model = step["model"]
@@ -813,10 +914,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "No timing is asserted; on a shared machine compare ratios, not absolute times.",
     )
     parser.add_argument("--suite", choices=SUITES + ("all",), default="ffn",
-                        help="ffn (default): FFN block fwd+bwd and saved bytes; step: training step; decode: cached "
+                        help="ffn (default): FFN block fwd+bwd and saved bytes; hard: soft vs hard routing at "
+                             "inference; step: training step; decode: cached "
                              "per-token latency; generate: cached generate() vs no-cache loop; all: every suite")
     parser.add_argument("--repeats", type=int,
-                        help="interleaved repetitions per contender (default: ffn 5, step 3, decode 5, generate 3; "
+                        help="interleaved repetitions per contender (default: ffn 5, hard 7, step 3, decode 5, "
+                             "generate 3; "
                              f"{QUICK_REPEATS} with --quick)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds before timing (default 1)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds; for tests and smoke runs)")
