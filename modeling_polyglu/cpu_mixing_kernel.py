@@ -558,12 +558,27 @@ def supports(gate, up, activations, static_logits, token_logits, normalization) 
     per_neuron_linear = static_logits is not None and static_logits.shape[-1] > 1 and normalization == "linear"
     return (
         (static_logits is not None or token_logits is not None)
+        and _broadcasts(static_logits, token_logits, gate.shape)
         and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
         and 1 <= len(activations) <= MAX_ACTIVATIONS
         and all(name in ACTIVATION_CODES for name in activations)
         and gate.numel() > 0
         and not per_neuron_linear
     )
+
+
+def _broadcasts(static_logits, token_logits, gate_shape) -> bool:
+    """Do the K-major logits broadcast to the kernel's tables? static [K, 1|B, 1, 1|F], token [K, 1|B, 1|T, 1]."""
+    batch, length, width = gate_shape
+    if static_logits is not None:
+        _, sequences, middle, neurons = static_logits.shape
+        if sequences not in (1, batch) or middle != 1 or neurons not in (1, width):
+            return False
+    if token_logits is not None:
+        _, sequences, positions, last = token_logits.shape
+        if sequences not in (1, batch) or positions not in (1, length) or last != 1:
+            return False
+    return True
 
 
 def _pointer(tensor: Optional[torch.Tensor]) -> ctypes.c_void_p:
@@ -606,7 +621,9 @@ class _NeuronTokenTables:
         self.static_logits, self.static_factor = self._table(static_logits.reshape(num, -1))
         if token_logits is None:
             token_logits = torch.zeros(num, batch * length, dtype=torch.float32)
-        self.token_logits, self.token_factor = self._table(token_logits.reshape(num, -1))
+        # [K, 1|B, 1|T, 1] -> [K, R]
+        token_logits = token_logits.expand(num, batch, length, 1).reshape(num, batch * length)
+        self.token_logits, self.token_factor = self._table(token_logits)
 
     def _table(self, logits: torch.Tensor):
         logits = logits.float().contiguous()
@@ -697,7 +714,9 @@ def mix_backward(library, grad_out, gate, up, static_logits, token_logits, activ
                 if static_logits.shape[1] == 1:
                     per_sequence = per_sequence.sum(dim=1, keepdim=True)
                 grad_static = per_sequence.view(num, -1, 1, 1)
-    grad_token = row_grads.view(num, batch, length, 1).to(token_logits.dtype) if needs_token else None
+    grad_token = None
+    if needs_token:  # summed over the dimensions the token logits broadcast along
+        grad_token = row_grads.view(num, batch, length, 1).sum_to_size(token_logits.shape).to(token_logits.dtype)
     if grad_static is not None:
-        grad_static = grad_static.to(static_logits.dtype)
+        grad_static = grad_static.sum_to_size(static_logits.shape).to(static_logits.dtype)
     return grad_gate, grad_up, grad_static, grad_token

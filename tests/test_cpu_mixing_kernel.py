@@ -165,3 +165,25 @@ def test_compiler_output_lands_atomically_in_the_cache(monkeypatch, tmp_path):
     assert seen and seen[0] != target and ".build-" in seen[0]
     assert open(target, "rb").read() == b"not a library"
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [target.rsplit("/", 1)[-1]]
+
+
+@pytest.mark.parametrize("static_shape, token_shape", [
+    ((1, 1, 24, 4), (2, 1, 1, 4)),  # one token logit per sequence, broadcast along it
+    ((2, 1, 24, 4), (1, 1, 1, 4)),
+    (None, (2, 1, 1, 4)),
+    ((1, 1, 1, 4), (1, 5, 1, 4)),
+    ((2, 1, 1, 4), (2, 5, 1, 4)),
+])
+def test_broadcast_logits_get_gradients_of_their_own_shape(static_shape, token_shape, counted_kernel_calls):
+    generator = torch.Generator().manual_seed(2)
+
+    def leaf(shape):
+        return None if shape is None else torch.randn(*shape, generator=generator).requires_grad_()
+
+    inputs = [leaf((2, 5, 24)), leaf((2, 5, 24)), leaf(static_shape), leaf(token_shape)]
+    fused = values_and_gradients(mix_activations, inputs)
+    naive = values_and_gradients(mix_activations_naive, inputs)
+    assert counted_kernel_calls == {"forward": 1, "backward": 1}
+    for a, b in zip(fused, naive):
+        assert a.shape == b.shape
+        assert relative(a, b) <= 1e-5
