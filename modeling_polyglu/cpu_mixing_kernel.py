@@ -6,14 +6,16 @@ torch.compile'd Python of :mod:`activation_mixing`, the C++ loop can do three th
 
 * **factorised softmax with a per-vector fallback** — PolyGLU's weights ``softmax_k((s_k[f] + t_k[r]) / τ)`` are
   computed as ``a_k[f] · b_k[r] / Σ_j a_j[f] b_j[r]`` from two small tables of exponentials (one per neuron, one
-  per token), so no ``exp`` runs per element; where a vector's denominator falls below ``e^-20`` (static and token
-  preferences disagree sharply) that vector takes the exact per-element path instead;
+  per token), so no ``exp`` runs per element; where a vector's true denominator falls below ``e^-64`` (static and
+  token preferences disagree by 64 τ) that vector takes the exact per-element path instead;
 * **both coefficient-gradient reductions in the same pass** — per token (a row sum) and per neuron (a column sum,
   kept per block of rows in L1/L2), so no ``[K, rows, d_ff]`` buffer is written;
 * **one sigmoid, tanh or erf per activation**, shared by its value and its derivative.
 
-The tables are clamped at ``e^-43``, so their products stay normal floats (subnormals slow x86 down tenfold) while
-the error they introduce, at most ``e^-43 / e^-20`` relative, is far below fp32 resolution.
+The table entries are ``exp(max(x, -84))`` scaled by ``2^60`` (exactly: a power of two), so every product lies in
+``[e^-84.8, e^83.2]``: normal floats (subnormals slow x86 down tenfold) whose sum cannot overflow. The clamp moves a term by at most ``e^-84`` of the
+unshifted denominator, which the fallback keeps above ``e^-64``: an error below ``e^-20`` relative. Weights are
+floored at ``e^-60``, as in the exact path, so that no subnormal weight reaches the arithmetic either.
 
 The library is compiled with the system C++ compiler into a per-user cache directory (``POLYGLU_KERNEL_CACHE``,
 default ``~/.cache/polyglu``), keyed by the source, the CPU capability and the torch version, written to a
@@ -38,7 +40,8 @@ import torch
 # kernel activation codes; the names are those of activation_mixing.ACTIVATIONS
 ACTIVATION_CODES = {"relu": 0, "tanh": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4, "sigmoid": 5, "identity": 6}
 MAX_ACTIVATIONS = 8
-FACTOR_FLOOR = -43.0  # log of the smallest table entry: e^-43 · e^-43 is still a normal float
+FACTOR_FLOOR, FACTOR_SCALE = -84.0, 2.0**60  # table entries exp(max(x, -84)) * 2^60 lie in [e^-42.4, e^41.6]
+SMALLEST_WEIGHT = 8.75651076e-27  # e^-60: the floor of every softmax weight (a smaller one changes nothing in fp32)
 
 _SOURCE = r"""
 #include <ATen/cpu/vec/vec.h>
@@ -53,8 +56,10 @@ constexpr float kSqrtHalf = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 constexpr float kSqrt2OverPi = 0.79788456080286536f;
 constexpr float kGeluTanhCoef = 0.044715f;
-constexpr float kExactThreshold = 2.0611536e-09f;  // e^-20: below it the factorised denominator is not trusted
+// 2^120 e^-64: a scaled factorised denominator below it (e^-64 unscaled) is not trusted; see the module docstring
+constexpr float kExactThreshold = 2.13187e+08f;
 constexpr float kSmallestLogWeight = -60.0f;
+constexpr float kSmallestWeight = 8.75651076e-27f;  // e^-60
 
 enum : int32_t { kRelu = 0, kTanh = 1, kSilu = 2, kGelu = 3, kGeluTanh = 4, kSigmoid = 5, kIdentity = 6 };
 
@@ -246,7 +251,7 @@ void rowwise_backward(const float* grad_out, const float* gate, const float* up,
 
 // ---- PolyGLU: softmax_k((s_k[f] + t_k[r]) / tau), a per-neuron table plus a per-token one ------------------
 // static [K, S, F] (S in {1, B}: shared or per sequence) and token [K, R] tables, each as logits l and factors
-// exp(max((l - max_k l) / tau, -43)). The logits stay unscaled so that the exact path rounds (s + t) / tau in the
+// exp(max((l - max_k l) / tau, -84)) 2^60. The logits stay unscaled so that the exact path rounds (s + t) / tau in the
 // naive order: with sharp routing (|l| / tau in the hundreds) scaling first would cost several ulps of weight.
 struct NeuronTokenTables {
   const float* static_logits;
@@ -301,7 +306,7 @@ struct RowTables {
       }
     }
     const Vec inverse = fast_reciprocal(total);
-    for (int k = 0; k < K; ++k) weight[k] = weight[k] * inverse;
+    for (int k = 0; k < K; ++k) weight[k] = at::vec::maximum(weight[k] * inverse, Vec(kSmallestWeight));
   }
 
   // lane masks of the argmax activation (ties to the lowest index, as torch.argmax); tau > 0 does not change it
@@ -604,7 +609,7 @@ def _row_coefficients(static_logits, token_logits, batch, length, tau, normaliza
     logits = logits.reshape(num, batch * length)
     if normalization == "linear":
         return logits.contiguous(), None
-    soft = torch.softmax(logits / tau, dim=0).contiguous()
+    soft = torch.softmax(logits / tau, dim=0).clamp_min(SMALLEST_WEIGHT).contiguous()  # no subnormal weights
     if not hard:
         return soft, soft
     applied = torch.zeros_like(soft).scatter_(0, soft.argmax(dim=0, keepdim=True), 1.0)
@@ -620,7 +625,7 @@ class _NeuronTokenTables:
         num = static_logits.shape[0]
         self.static_logits, self.static_factor = self._table(static_logits.reshape(num, -1))
         if token_logits is None:
-            token_logits = torch.zeros(num, batch * length, dtype=torch.float32)
+            token_logits = torch.zeros(num, 1, 1, 1, dtype=torch.float32)
         # [K, 1|B, 1|T, 1] -> [K, R]
         token_logits = token_logits.expand(num, batch, length, 1).reshape(num, batch * length)
         self.token_logits, self.token_factor = self._table(token_logits)
@@ -628,7 +633,7 @@ class _NeuronTokenTables:
     def _table(self, logits: torch.Tensor):
         logits = logits.float().contiguous()
         exponent = (logits - logits.amax(dim=0, keepdim=True)) * self.inv_tau
-        return logits, torch.exp(torch.clamp(exponent, min=FACTOR_FLOOR)).contiguous()
+        return logits, (torch.exp(torch.clamp(exponent, min=FACTOR_FLOOR)) * FACTOR_SCALE).contiguous()
 
     def arguments(self) -> list:
         return [_pointer(self.static_logits), _pointer(self.static_factor), _pointer(self.token_logits),
