@@ -48,6 +48,11 @@ _SOURCE = r"""
 #include <cstdint>
 #include <cstring>
 
+// Everything below is inlined into the loops: a call per vector (with its arguments spilled) costs more than the
+// arithmetic of most activations.
+#define POLYGLU_INLINE inline __attribute__((always_inline))
+#define POLYGLU_EXPORT extern "C" __attribute__((visibility("default")))
+
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -64,11 +69,11 @@ constexpr float kSmallestWeight = 8.75651076e-27f;  // e^-60
 enum : int32_t { kRelu = 0, kTanh = 1, kSilu = 2, kGelu = 3, kGeluTanh = 4, kSigmoid = 5, kIdentity = 6 };
 
 // exp_u20: ATen's polynomial exp, within 2 ulp and several times cheaper than Sleef's exp
-inline Vec fast_exp(const Vec& x) { return x.exp_u20(); }
+POLYGLU_INLINE Vec fast_exp(const Vec& x) { return x.exp_u20(); }
 
 // 1 / x for the finite, positive denominators used below: the hardware estimate refined by Newton steps
 // (within ~1 ulp), several times cheaper than a division
-inline Vec fast_reciprocal(const Vec& x) {
+POLYGLU_INLINE Vec fast_reciprocal(const Vec& x) {
 #if defined(CPU_CAPABILITY_AVX512)
   const Vec estimate(_mm512_rcp14_ps(x));
   return estimate * (Vec(2.0f) - x * estimate);
@@ -83,13 +88,13 @@ inline Vec fast_reciprocal(const Vec& x) {
 
 // exponent capped at 80: 1 + e stays finite (the reciprocal's Newton step would turn 1/inf into nan) and the
 // result normal (sigmoid(-80) = 1.8e-35; subnormal outputs would slow every later matmul down)
-inline Vec sigmoid(const Vec& x) {
+POLYGLU_INLINE Vec sigmoid(const Vec& x) {
   return fast_reciprocal(Vec(1.0f) + fast_exp(at::vec::minimum(x.neg(), Vec(80.0f))));
 }
 
 // tanh within ~1e-7 relative, at a third of Sleef's cost: (1 - e) / (1 + e) with e = exp(-2|x|) where that has no
 // cancellation (|x| >= 0.55), an odd polynomial below (x + x^3 Q(x^2), Q fitted for relative error on [0, 0.55])
-inline Vec fast_tanh(const Vec& x) {
+POLYGLU_INLINE Vec fast_tanh(const Vec& x) {
   const Vec one(1.0f);
   const Vec magnitude = x.abs();
   const Vec e = fast_exp(Vec(-2.0f) * magnitude);
@@ -107,7 +112,7 @@ inline Vec fast_tanh(const Vec& x) {
 // GELU (erf form) and its derivative from one exponential: erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7,
 // the approximation ATen's vectorised erf uses), whose exp(-y^2) with y = x / sqrt(2) is also the normal density's
 template <bool SLOPE>
-inline void gelu(const Vec& x, Vec& value, Vec& slope) {
+POLYGLU_INLINE void gelu(const Vec& x, Vec& value, Vec& slope) {
   const Vec one(1.0f), half(0.5f);
   const Vec y = x * Vec(kSqrtHalf);
   const Vec t = fast_reciprocal(Vec(0.3275911f) * y.abs() + one);
@@ -124,7 +129,7 @@ inline void gelu(const Vec& x, Vec& value, Vec& slope) {
 
 // Value (and, with SLOPE, derivative) of one activation on one vector.
 template <int32_t CODE, bool SLOPE>
-inline void activation(const Vec& x, Vec& value, Vec& slope) {
+POLYGLU_INLINE void activation(const Vec& x, Vec& value, Vec& slope) {
   const Vec half(0.5f), one(1.0f), zero(0.0f);
   if constexpr (CODE == kRelu) {
     value = at::vec::maximum(x, zero);
@@ -155,7 +160,7 @@ inline void activation(const Vec& x, Vec& value, Vec& slope) {
 }
 
 template <bool SLOPE>
-inline void activation(int32_t code, const Vec& x, Vec& value, Vec& slope) {
+POLYGLU_INLINE void activation(int32_t code, const Vec& x, Vec& value, Vec& slope) {
   switch (code) {
     case kRelu: activation<kRelu, SLOPE>(x, value, slope); return;
     case kTanh: activation<kTanh, SLOPE>(x, value, slope); return;
@@ -167,9 +172,20 @@ inline void activation(int32_t code, const Vec& x, Vec& value, Vec& slope) {
   }
 }
 
-inline bool any_lane(const Vec& mask) { return mask.zero_mask() != (1 << kLanes) - 1; }
+// Flush-to-zero and denormals-are-zero for this thread while it runs a kernel: a subnormal intermediate (the square
+// of a tiny pre-activation, a weight of e^-100 before its floor) would otherwise cost a microcode assist each time.
+// Values that small change nothing in fp32 results; the caller's floating-point state is restored afterwards.
+struct FlushSubnormals {
+#if defined(__SSE__) || defined(__x86_64__)
+  unsigned int saved = _mm_getcsr();
+  FlushSubnormals() { _mm_setcsr(saved | 0x8040); }
+  ~FlushSubnormals() { _mm_setcsr(saved); }
+#endif
+};
 
-inline float lane_sum(const Vec& v) {
+POLYGLU_INLINE bool any_lane(const Vec& mask) { return mask.zero_mask() != (1 << kLanes) - 1; }
+
+POLYGLU_INLINE float lane_sum(const Vec& v) {
   alignas(64) float lanes[kLanes];
   v.store(lanes);
   float total = 0.0f;
@@ -177,7 +193,7 @@ inline float lane_sum(const Vec& v) {
   return total;
 }
 
-inline int64_t lanes_at(int64_t f, int64_t F) { return F - f < kLanes ? F - f : kLanes; }
+POLYGLU_INLINE int64_t lanes_at(int64_t f, int64_t F) { return F - f < kLanes ? F - f : kLanes; }
 
 // ---- coefficients constant along a row (per token or per layer) ---------------------------------------------
 // weights [K, R]. A zero coefficient skips its activation, which is what hard routing at inference needs: one
@@ -186,21 +202,25 @@ inline int64_t lanes_at(int64_t f, int64_t F) { return F - f < kLanes ? F - f : 
 template <int K>
 void rowwise_forward(const float* gate, const float* up, float* out, const int32_t* codes, const float* weights,
                      int64_t R, int64_t F, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t r = 0; r < R; ++r) {
-    float w[K];
-    for (int k = 0; k < K; ++k) w[k] = weights[k * R + r];
-    for (int64_t f = 0; f < F; f += kLanes) {
-      const int64_t n = lanes_at(f, F);
-      const Vec g = Vec::loadu(gate + r * F + f, n);
-      Vec mixed(0.0f), value, unused;
-      for (int k = 0; k < K; ++k) {
-        if (w[k] == 0.0f) continue;
-        activation<false>(codes[k], g, value, unused);
-        mixed = mixed + Vec(w[k]) * value;
+#pragma omp parallel num_threads(threads)
+  {
+    const FlushSubnormals flush;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+      float w[K];
+      for (int k = 0; k < K; ++k) w[k] = weights[k * R + r];
+      for (int64_t f = 0; f < F; f += kLanes) {
+        const int64_t n = lanes_at(f, F);
+        const Vec g = Vec::loadu(gate + r * F + f, n);
+        Vec mixed(0.0f), value, unused;
+        for (int k = 0; k < K; ++k) {
+          if (w[k] == 0.0f) continue;
+          activation<false>(codes[k], g, value, unused);
+          mixed = mixed + Vec(w[k]) * value;
+        }
+        if (up) mixed = mixed * Vec::loadu(up + r * F + f, n);
+        mixed.store(out + r * F + f, n);
       }
-      if (up) mixed = mixed * Vec::loadu(up + r * F + f, n);
-      mixed.store(out + r * F + f, n);
     }
   }
 }
@@ -213,38 +233,42 @@ template <int K>
 void rowwise_backward(const float* grad_out, const float* gate, const float* up, float* grad_gate, float* grad_up,
                       float* row_products, const int32_t* codes, const float* weights, const float* soft,
                       int64_t R, int64_t F, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t r = 0; r < R; ++r) {
-    float w[K], soft_w[K];
-    Vec products[K];
-    for (int k = 0; k < K; ++k) {
-      w[k] = weights[k * R + r];
-      soft_w[k] = soft ? soft[k * R + r] : 0.0f;
-      products[k] = Vec(0.0f);
-    }
-    for (int64_t f = 0; f < F; f += kLanes) {
-      const int64_t n = lanes_at(f, F);
-      const int64_t at = r * F + f;
-      const Vec g = Vec::loadu(gate + at, n);
-      const Vec dy = Vec::loadu(grad_out + at, n);
-      const Vec grad_mixed = up ? dy * Vec::loadu(up + at, n) : dy;
-      Vec mixed(0.0f), slope(0.0f), soft_mixed(0.0f), values[K], derivative;
+#pragma omp parallel num_threads(threads)
+  {
+    const FlushSubnormals flush;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+      float w[K], soft_w[K];
+      Vec products[K];
       for (int k = 0; k < K; ++k) {
-        if (w[k] == 0.0f && !row_products) continue;
-        activation<true>(codes[k], g, values[k], derivative);
-        soft_mixed = soft_mixed + Vec(soft_w[k]) * values[k];
-        if (w[k] == 0.0f) continue;  // an unchosen activation (hard routing) must not leak inf/nan in
-        mixed = mixed + Vec(w[k]) * values[k];
-        slope = slope + Vec(w[k]) * derivative;
+        w[k] = weights[k * R + r];
+        soft_w[k] = soft ? soft[k * R + r] : 0.0f;
+        products[k] = Vec(0.0f);
       }
-      if (grad_gate) (grad_mixed * slope).store(grad_gate + at, n);
-      if (grad_up) (dy * mixed).store(grad_up + at, n);
+      for (int64_t f = 0; f < F; f += kLanes) {
+        const int64_t n = lanes_at(f, F);
+        const int64_t at = r * F + f;
+        const Vec g = Vec::loadu(gate + at, n);
+        const Vec dy = Vec::loadu(grad_out + at, n);
+        const Vec grad_mixed = up ? dy * Vec::loadu(up + at, n) : dy;
+        Vec mixed(0.0f), slope(0.0f), soft_mixed(0.0f), values[K], derivative;
+        for (int k = 0; k < K; ++k) {
+          if (w[k] == 0.0f && !row_products) continue;
+          activation<true>(codes[k], g, values[k], derivative);
+          soft_mixed = soft_mixed + Vec(soft_w[k]) * values[k];
+          if (w[k] == 0.0f) continue;  // an unchosen activation (hard routing) must not leak inf/nan in
+          mixed = mixed + Vec(w[k]) * values[k];
+          slope = slope + Vec(w[k]) * derivative;
+        }
+        if (grad_gate) (grad_mixed * slope).store(grad_gate + at, n);
+        if (grad_up) (dy * mixed).store(grad_up + at, n);
+        if (row_products) {
+          for (int k = 0; k < K; ++k) products[k] = products[k] + grad_mixed * (values[k] - soft_mixed);
+        }
+      }
       if (row_products) {
-        for (int k = 0; k < K; ++k) products[k] = products[k] + grad_mixed * (values[k] - soft_mixed);
+        for (int k = 0; k < K; ++k) row_products[k * R + r] = lane_sum(products[k]);
       }
-    }
-    if (row_products) {
-      for (int k = 0; k < K; ++k) row_products[k * R + r] = lane_sum(products[k]);
     }
   }
 }
@@ -324,7 +348,7 @@ struct RowTables {
 };
 
 template <int K, bool HARD>
-inline Vec mix(const Vec* weight_or_mask, const Vec* x) {
+POLYGLU_INLINE Vec mix(const Vec* weight_or_mask, const Vec* x) {
   Vec total(0.0f);
   for (int k = 0; k < K; ++k) {
     total = total + (HARD ? Vec::blendv(Vec(0.0f), x[k], weight_or_mask[k]) : weight_or_mask[k] * x[k]);
@@ -336,18 +360,22 @@ template <int K, bool HARD>
 void neuron_token_forward(const float* gate, const float* up, float* out, const int32_t* codes,
                           const NeuronTokenTables& tables, int threads) {
   const int64_t F = tables.F;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t r = 0; r < tables.R; ++r) {
-    const RowTables<K> row(tables, r);
-    for (int64_t f = 0; f < F; f += kLanes) {
-      const int64_t n = lanes_at(f, F);
-      Vec weight[K], values[K], unused;
-      if (HARD) row.hard_choice(f, n, weight); else row.soft_weights(f, n, weight);
-      const Vec g = Vec::loadu(gate + r * F + f, n);
-      for (int k = 0; k < K; ++k) activation<false>(codes[k], g, values[k], unused);
-      Vec mixed = mix<K, HARD>(weight, values);
-      if (up) mixed = mixed * Vec::loadu(up + r * F + f, n);
-      mixed.store(out + r * F + f, n);
+#pragma omp parallel num_threads(threads)
+  {
+    const FlushSubnormals flush;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < tables.R; ++r) {
+      const RowTables<K> row(tables, r);
+      for (int64_t f = 0; f < F; f += kLanes) {
+        const int64_t n = lanes_at(f, F);
+        Vec weight[K], values[K], unused;
+        if (HARD) row.hard_choice(f, n, weight); else row.soft_weights(f, n, weight);
+        const Vec g = Vec::loadu(gate + r * F + f, n);
+        for (int k = 0; k < K; ++k) activation<false>(codes[k], g, values[k], unused);
+        Vec mixed = mix<K, HARD>(weight, values);
+        if (up) mixed = mixed * Vec::loadu(up + r * F + f, n);
+        mixed.store(out + r * F + f, n);
+      }
     }
   }
 }
@@ -362,45 +390,49 @@ void neuron_token_backward(const float* grad_out, const float* gate, const float
   const int64_t blocks_per_sequence = (T + rows_per_block - 1) / rows_per_block;
   const int64_t num_blocks = (tables.R / T) * blocks_per_sequence;
   const bool logit_grads = static_partial != nullptr || token_grad != nullptr;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t block = 0; block < num_blocks; ++block) {
-    const int64_t first = (block / blocks_per_sequence) * T + (block % blocks_per_sequence) * rows_per_block;
-    const int64_t last = first + rows_per_block < (block / blocks_per_sequence + 1) * T
-                             ? first + rows_per_block : (block / blocks_per_sequence + 1) * T;
-    float* column_sums = static_partial ? static_partial + block * K * F : nullptr;
-    if (column_sums) std::memset(column_sums, 0, sizeof(float) * K * F);
-    for (int64_t r = first; r < last; ++r) {
-      const RowTables<K> row(tables, r);
-      Vec row_sums[K];
-      for (int k = 0; k < K; ++k) row_sums[k] = Vec(0.0f);
-      for (int64_t f = 0; f < F; f += kLanes) {
-        const int64_t n = lanes_at(f, F);
-        const int64_t at = r * F + f;
-        Vec soft[K], chosen[K], values[K], slopes[K];
-        row.soft_weights(f, n, soft);
-        if (HARD) row.hard_choice(f, n, chosen);
-        const Vec g = Vec::loadu(gate + at, n);
-        const Vec dy = Vec::loadu(grad_out + at, n);
-        const Vec grad_mixed = up ? dy * Vec::loadu(up + at, n) : dy;
-        for (int k = 0; k < K; ++k) activation<true>(codes[k], g, values[k], slopes[k]);
-        const Vec* applied = HARD ? chosen : soft;
-        if (grad_gate) (grad_mixed * mix<K, HARD>(applied, slopes)).store(grad_gate + at, n);
-        if (grad_up) (dy * mix<K, HARD>(applied, values)).store(grad_up + at, n);
-        if (!logit_grads) continue;
-        // d/dz_k of sum_j softmax_j(z) phi_j = w_k (phi_k - sum_j w_j phi_j); straight-through uses soft weights
-        const Vec soft_mixed = mix<K, false>(soft, values);
-        const Vec scale = grad_mixed * Vec(tables.inv_tau);
-        for (int k = 0; k < K; ++k) {
-          const Vec grad = scale * soft[k] * (values[k] - soft_mixed);
-          row_sums[k] = row_sums[k] + grad;
-          if (column_sums) {
-            float* target = column_sums + k * F + f;
-            (Vec::loadu(target, n) + grad).store(target, n);
+#pragma omp parallel num_threads(threads)
+  {
+    const FlushSubnormals flush;
+#pragma omp for schedule(static)
+    for (int64_t block = 0; block < num_blocks; ++block) {
+      const int64_t first = (block / blocks_per_sequence) * T + (block % blocks_per_sequence) * rows_per_block;
+      const int64_t last = first + rows_per_block < (block / blocks_per_sequence + 1) * T
+                               ? first + rows_per_block : (block / blocks_per_sequence + 1) * T;
+      float* column_sums = static_partial ? static_partial + block * K * F : nullptr;
+      if (column_sums) std::memset(column_sums, 0, sizeof(float) * K * F);
+      for (int64_t r = first; r < last; ++r) {
+        const RowTables<K> row(tables, r);
+        Vec row_sums[K];
+        for (int k = 0; k < K; ++k) row_sums[k] = Vec(0.0f);
+        for (int64_t f = 0; f < F; f += kLanes) {
+          const int64_t n = lanes_at(f, F);
+          const int64_t at = r * F + f;
+          Vec soft[K], chosen[K], values[K], slopes[K];
+          row.soft_weights(f, n, soft);
+          if (HARD) row.hard_choice(f, n, chosen);
+          const Vec g = Vec::loadu(gate + at, n);
+          const Vec dy = Vec::loadu(grad_out + at, n);
+          const Vec grad_mixed = up ? dy * Vec::loadu(up + at, n) : dy;
+          for (int k = 0; k < K; ++k) activation<true>(codes[k], g, values[k], slopes[k]);
+          const Vec* applied = HARD ? chosen : soft;
+          if (grad_gate) (grad_mixed * mix<K, HARD>(applied, slopes)).store(grad_gate + at, n);
+          if (grad_up) (dy * mix<K, HARD>(applied, values)).store(grad_up + at, n);
+          if (!logit_grads) continue;
+          // d/dz_k of sum_j softmax_j(z) phi_j = w_k (phi_k - sum_j w_j phi_j); straight-through uses soft weights
+          const Vec soft_mixed = mix<K, false>(soft, values);
+          const Vec scale = grad_mixed * Vec(tables.inv_tau);
+          for (int k = 0; k < K; ++k) {
+            const Vec grad = scale * soft[k] * (values[k] - soft_mixed);
+            row_sums[k] = row_sums[k] + grad;
+            if (column_sums) {
+              float* target = column_sums + k * F + f;
+              (Vec::loadu(target, n) + grad).store(target, n);
+            }
           }
         }
-      }
-      if (token_grad) {
-        for (int k = 0; k < K; ++k) token_grad[k * tables.R + r] = lane_sum(row_sums[k]);
+        if (token_grad) {
+          for (int k = 0; k < K; ++k) token_grad[k * tables.R + r] = lane_sum(row_sums[k]);
+        }
       }
     }
   }
@@ -421,13 +453,13 @@ void neuron_token_backward(const float* grad_out, const float* gate, const float
     default: return 1;                                    \
   }
 
-extern "C" int polyglu_rowwise_forward(const float* gate, const float* up, float* out, const int32_t* codes,
+POLYGLU_EXPORT int polyglu_rowwise_forward(const float* gate, const float* up, float* out, const int32_t* codes,
                                        int64_t num_activations, const float* weights, int64_t R, int64_t F,
                                        int32_t threads) {
   POLYGLU_DISPATCH_K(num_activations, rowwise_forward<K>(gate, up, out, codes, weights, R, F, threads));
 }
 
-extern "C" int polyglu_rowwise_backward(const float* grad_out, const float* gate, const float* up, float* grad_gate,
+POLYGLU_EXPORT int polyglu_rowwise_backward(const float* grad_out, const float* gate, const float* up, float* grad_gate,
                                         float* grad_up, float* row_products, const int32_t* codes,
                                         int64_t num_activations, const float* weights, const float* soft,
                                         int64_t R, int64_t F, int32_t threads) {
@@ -435,7 +467,7 @@ extern "C" int polyglu_rowwise_backward(const float* grad_out, const float* gate
                                                           codes, weights, soft, R, F, threads));
 }
 
-extern "C" int polyglu_neuron_token_forward(const float* gate, const float* up, float* out, const int32_t* codes,
+POLYGLU_EXPORT int polyglu_neuron_token_forward(const float* gate, const float* up, float* out, const int32_t* codes,
                                             int64_t num_activations, const float* static_logits,
                                             const float* static_factor, const float* token_logits,
                                             const float* token_factor, int64_t S, int64_t R, int64_t T, int64_t F,
@@ -447,7 +479,7 @@ extern "C" int polyglu_neuron_token_forward(const float* gate, const float* up, 
   POLYGLU_DISPATCH_K(num_activations, (neuron_token_forward<K, false>(gate, up, out, codes, tables, threads)));
 }
 
-extern "C" int polyglu_neuron_token_backward(const float* grad_out, const float* gate, const float* up,
+POLYGLU_EXPORT int polyglu_neuron_token_backward(const float* grad_out, const float* gate, const float* up,
                                              float* grad_gate, float* grad_up, float* static_partial,
                                              float* token_grad, const int32_t* codes, int64_t num_activations,
                                              const float* static_logits, const float* static_factor,
@@ -486,6 +518,8 @@ def _compile_command(source_path: str, library_path: str) -> list:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
     return [
         compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno",
+        # hidden symbols: no PLT calls into ATen's inline vector functions, which the compiler can then inline
+        "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-fno-semantic-interposition",
         *_CAPABILITY_FLAGS.get(_cpu_capability(), []),
         "-I", os.path.join(torch_dir, "include"),
         source_path, "-o", library_path,
