@@ -10,22 +10,29 @@ torch.compile'd Python of :mod:`activation_mixing`, the C++ loop can do three th
   token preferences disagree by 64 τ) that vector takes the exact per-element path instead;
 * **both coefficient-gradient reductions in the same pass** — per token (a row sum) and per neuron (a column sum,
   kept per block of rows in L1/L2), so no ``[K, rows, d_ff]`` buffer is written;
-* **one sigmoid, tanh or erf per activation**, shared by its value and its derivative.
+* **one exponential per activation**, shared by its value and its derivative: ATen's 2-ulp polynomial ``exp``, a
+  refined hardware reciprocal instead of a division, tanh from ``exp(-2|x|)`` (a polynomial near 0), erf by the
+  Abramowitz-Stegun approximation torch's own vectorised GELU uses. Against torch's fp32 activations: within 3e-7
+  relative (2e-7 absolute for erf-GELU's tail, as torch's).
+
+Routed variants only: a single fixed activation (SwiGLU, ...) stays on torch's kernels, bit-identical to Qwen3.
 
 The table entries are ``exp(max(x, -84))`` scaled by ``2^60`` (exactly: a power of two), so every product lies in
-``[e^-84.8, e^83.2]``: normal floats (subnormals slow x86 down tenfold) whose sum cannot overflow. The clamp moves a term by at most ``e^-84`` of the
-unshifted denominator, which the fallback keeps above ``e^-64``: an error below ``e^-20`` relative. Weights are
-floored at ``e^-60``, as in the exact path, so that no subnormal weight reaches the arithmetic either.
+``[e^-84.8, e^83.2]``: normal floats whose sum cannot overflow. The clamp moves a term by at most ``e^-84`` of the
+unscaled denominator, which the fallback keeps above ``e^-64``: an error below ``e^-20`` relative. Weights are
+floored at ``e^-60``, as in the exact path, and the kernels run with flush-to-zero: subnormal numbers make x86
+arithmetic an order of magnitude slower.
 
 The library is compiled with the system C++ compiler into a per-user cache directory (``POLYGLU_KERNEL_CACHE``,
 default ``~/.cache/polyglu``), keyed by the source, the CPU capability and the torch version, written to a
 temporary name and renamed, so concurrent processes (DDP ranks) never load a half-written file. Where no compiler
-works, :func:`load_library` returns None once, with a warning, and the caller uses its torch.compile path.
+works, :func:`load_library` returns None, with one warning, and the caller uses its torch.compile path.
 
 This file is part of the remote code saved next to a checkpoint: it imports only torch and the standard library.
 """
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -40,13 +47,13 @@ import torch
 # kernel activation codes; the names are those of activation_mixing.ACTIVATIONS
 ACTIVATION_CODES = {"relu": 0, "tanh": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4, "sigmoid": 5, "identity": 6}
 MAX_ACTIVATIONS = 8
-FACTOR_FLOOR, FACTOR_SCALE = -84.0, 2.0**60  # table entries exp(max(x, -84)) * 2^60 lie in [e^-42.4, e^41.6]
 SMALLEST_WEIGHT = 8.75651076e-27  # e^-60: the floor of every softmax weight (a smaller one changes nothing in fp32)
 
 _SOURCE = r"""
 #include <ATen/cpu/vec/vec.h>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 // Everything below is inlined into the loops: a call per vector (with its arguments spilled) costs more than the
 // arithmetic of most activations.
@@ -65,6 +72,8 @@ constexpr float kGeluTanhCoef = 0.044715f;
 constexpr float kExactThreshold = 2.13187e+08f;
 constexpr float kSmallestLogWeight = -60.0f;
 constexpr float kSmallestWeight = 8.75651076e-27f;  // e^-60
+constexpr float kFactorFloor = -84.0f;
+constexpr float kFactorScale = 1.152921504606846976e18f;  // 2^60
 
 enum : int32_t { kRelu = 0, kTanh = 1, kSilu = 2, kGelu = 3, kGeluTanh = 4, kSigmoid = 5, kIdentity = 6 };
 
@@ -286,6 +295,44 @@ struct NeuronTokenTables {
   float inv_tau;
 };
 
+// factors[k, i] = exp(max((l[k, i] - max_j l[j, i]) / tau, -84)) 2^60 for logits [K, count]
+template <int K>
+void fill_factors(const float* logits, float* factors, int64_t count, float inv_tau) {
+  for (int64_t i = 0; i < count; i += kLanes) {
+    const int64_t n = lanes_at(i, count);
+    Vec l[K];
+    Vec top = l[0] = Vec::loadu(logits + i, n);
+    for (int k = 1; k < K; ++k) {
+      l[k] = Vec::loadu(logits + k * count + i, n);
+      top = at::vec::maximum(top, l[k]);
+    }
+    for (int k = 0; k < K; ++k) {
+      const Vec exponent = at::vec::maximum((l[k] - top) * Vec(inv_tau), Vec(kFactorFloor));
+      (fast_exp(exponent) * Vec(kFactorScale)).store(factors + k * count + i, n);
+    }
+  }
+}
+
+// The tables of one call: the factors computed here, the token logits zero where the caller has none.
+template <int K>
+struct NeuronTokenScratch {
+  std::vector<float> static_factor, token_logits, token_factor;
+  NeuronTokenTables tables;
+
+  NeuronTokenScratch(const float* static_logits, const float* token_logits_in, int64_t S, int64_t R, int64_t T,
+                     int64_t F, float inv_tau)
+      : static_factor(K * S * F), token_factor(K * R) {
+    const float* token = token_logits_in;
+    if (token == nullptr) {
+      token_logits.assign(K * R, 0.0f);
+      token = token_logits.data();
+    }
+    fill_factors<K>(static_logits, static_factor.data(), S * F, inv_tau);
+    fill_factors<K>(token, token_factor.data(), R, inv_tau);
+    tables = NeuronTokenTables{static_logits, static_factor.data(), token, token_factor.data(), S, R, T, F, inv_tau};
+  }
+};
+
 template <int K>
 struct RowTables {
   const float* static_logits[K];
@@ -468,31 +515,33 @@ POLYGLU_EXPORT int polyglu_rowwise_backward(const float* grad_out, const float* 
 }
 
 POLYGLU_EXPORT int polyglu_neuron_token_forward(const float* gate, const float* up, float* out, const int32_t* codes,
-                                            int64_t num_activations, const float* static_logits,
-                                            const float* static_factor, const float* token_logits,
-                                            const float* token_factor, int64_t S, int64_t R, int64_t T, int64_t F,
-                                            float inv_tau, int32_t hard, int32_t threads) {
-  const NeuronTokenTables tables{static_logits, static_factor, token_logits, token_factor, S, R, T, F, inv_tau};
+                                                int64_t num_activations, const float* static_logits,
+                                                const float* token_logits, int64_t S, int64_t R, int64_t T, int64_t F,
+                                                float inv_tau, int32_t hard, int32_t threads) {
   if (hard) {
-    POLYGLU_DISPATCH_K(num_activations, (neuron_token_forward<K, true>(gate, up, out, codes, tables, threads)));
+    POLYGLU_DISPATCH_K(num_activations, (neuron_token_forward<K, true>(
+        gate, up, out, codes, NeuronTokenScratch<K>(static_logits, token_logits, S, R, T, F, inv_tau).tables,
+        threads)));
   }
-  POLYGLU_DISPATCH_K(num_activations, (neuron_token_forward<K, false>(gate, up, out, codes, tables, threads)));
+  POLYGLU_DISPATCH_K(num_activations, (neuron_token_forward<K, false>(
+      gate, up, out, codes, NeuronTokenScratch<K>(static_logits, token_logits, S, R, T, F, inv_tau).tables,
+      threads)));
 }
 
 POLYGLU_EXPORT int polyglu_neuron_token_backward(const float* grad_out, const float* gate, const float* up,
-                                             float* grad_gate, float* grad_up, float* static_partial,
-                                             float* token_grad, const int32_t* codes, int64_t num_activations,
-                                             const float* static_logits, const float* static_factor,
-                                             const float* token_logits, const float* token_factor, int64_t S, int64_t R,
-                                             int64_t T, int64_t F, float inv_tau, int32_t hard,
-                                             int64_t rows_per_block, int32_t threads) {
-  const NeuronTokenTables tables{static_logits, static_factor, token_logits, token_factor, S, R, T, F, inv_tau};
+                                                 float* grad_gate, float* grad_up, float* static_partial,
+                                                 float* token_grad, const int32_t* codes, int64_t num_activations,
+                                                 const float* static_logits, const float* token_logits, int64_t S,
+                                                 int64_t R, int64_t T, int64_t F, float inv_tau, int32_t hard,
+                                                 int64_t rows_per_block, int32_t threads) {
   if (hard) {
-    POLYGLU_DISPATCH_K(num_activations, (neuron_token_backward<K, true>(grad_out, gate, up, grad_gate, grad_up,
-        static_partial, token_grad, codes, tables, rows_per_block, threads)));
+    POLYGLU_DISPATCH_K(num_activations, (neuron_token_backward<K, true>(
+        grad_out, gate, up, grad_gate, grad_up, static_partial, token_grad, codes,
+        NeuronTokenScratch<K>(static_logits, token_logits, S, R, T, F, inv_tau).tables, rows_per_block, threads)));
   }
-  POLYGLU_DISPATCH_K(num_activations, (neuron_token_backward<K, false>(grad_out, gate, up, grad_gate, grad_up,
-      static_partial, token_grad, codes, tables, rows_per_block, threads)));
+  POLYGLU_DISPATCH_K(num_activations, (neuron_token_backward<K, false>(
+      grad_out, gate, up, grad_gate, grad_up, static_partial, token_grad, codes,
+      NeuronTokenScratch<K>(static_logits, token_logits, S, R, T, F, inv_tau).tables, rows_per_block, threads)));
 }
 """
 
@@ -513,17 +562,24 @@ def _cpu_capability() -> str:
         return "DEFAULT"
 
 
+_COMPILER_FLAGS = (
+    "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno",
+    # hidden symbols: no PLT calls into ATen's inline vector functions, which the compiler can then inline
+    "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-fno-semantic-interposition",
+)
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
+
+
 def _compile_command(source_path: str, library_path: str) -> list:
-    torch_dir = os.path.dirname(torch.__file__)
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
     return [
-        compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno",
-        # hidden symbols: no PLT calls into ATen's inline vector functions, which the compiler can then inline
-        "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-fno-semantic-interposition",
-        *_CAPABILITY_FLAGS.get(_cpu_capability(), []),
-        "-I", os.path.join(torch_dir, "include"),
+        _compiler(), *_COMPILER_FLAGS, *_CAPABILITY_FLAGS.get(_cpu_capability(), []),
+        "-I", os.path.join(os.path.dirname(torch.__file__), "include"),
         source_path, "-o", library_path,
-        "-L", os.path.join(torch_dir, "lib"), "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{os.path.join(torch_dir, 'lib')}",
+        "-L", torch_lib, "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_lib}",
     ]
 
 
@@ -533,7 +589,7 @@ def _cache_dir() -> str:
 
 
 def _library_path() -> str:
-    key = "\0".join([_SOURCE, _cpu_capability(), torch.__version__, sys.platform])
+    key = "\0".join([_SOURCE, *_COMPILER_FLAGS, _compiler(), _cpu_capability(), torch.__version__, sys.platform])
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     return os.path.join(_cache_dir(), f"polyglu_mix_{digest}.so")
 
@@ -629,7 +685,9 @@ def _check(status: int, name: str) -> None:
         raise RuntimeError(f"{name} rejected its arguments (status {status})")
 
 
-def _codes(activations) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def _codes(activations: tuple) -> torch.Tensor:
+    """The kernel's activation codes (int32, shared: never written to)."""
     return torch.tensor([ACTIVATION_CODES[name] for name in activations], dtype=torch.int32)
 
 
@@ -650,28 +708,14 @@ def _row_coefficients(static_logits, token_logits, batch, length, tau, normaliza
     return applied, soft
 
 
-class _NeuronTokenTables:
-    """PolyGLU's tables in the kernel's layouts: static [K, S, F] and token [K, R], as logits and factors."""
-
-    def __init__(self, static_logits, token_logits, batch, length, tau):
-        self.inv_tau = 1.0 / tau
-        self.S = static_logits.shape[1]
-        num = static_logits.shape[0]
-        self.static_logits, self.static_factor = self._table(static_logits.reshape(num, -1))
-        if token_logits is None:
-            token_logits = torch.zeros(num, 1, 1, 1, dtype=torch.float32)
-        # [K, 1|B, 1|T, 1] -> [K, R]
-        token_logits = token_logits.expand(num, batch, length, 1).reshape(num, batch * length)
-        self.token_logits, self.token_factor = self._table(token_logits)
-
-    def _table(self, logits: torch.Tensor):
-        logits = logits.float().contiguous()
-        exponent = (logits - logits.amax(dim=0, keepdim=True)) * self.inv_tau
-        return logits, (torch.exp(torch.clamp(exponent, min=FACTOR_FLOOR)) * FACTOR_SCALE).contiguous()
-
-    def arguments(self) -> list:
-        return [_pointer(self.static_logits), _pointer(self.static_factor), _pointer(self.token_logits),
-                _pointer(self.token_factor), ctypes.c_int64(self.S)]
+def _neuron_token_logits(static_logits, token_logits, batch, length):
+    """PolyGLU's logits in the kernel's layouts: static [K, S, F] and token [K, R] (or None), fp32, contiguous."""
+    num = static_logits.shape[0]
+    static = static_logits.float().reshape(num, -1).contiguous()
+    token = None
+    if token_logits is not None:  # [K, 1|B, 1|T, 1] -> [K, R]
+        token = token_logits.float().expand(num, batch, length, 1).reshape(num, batch * length).contiguous()
+    return static, token, static_logits.shape[1]
 
 
 def _rows_per_block(batch: int, length: int, threads: int) -> int:
@@ -689,11 +733,11 @@ def mix_forward(library, gate, up, static_logits, token_logits, activations, tau
     out = torch.empty_like(gate)
     codes, num, threads = _codes(activations), len(activations), torch.get_num_threads()
     if uses_neuron_table(static_logits, normalization):
-        tables = _NeuronTokenTables(static_logits, token_logits, batch, length, tau)
+        static, token, sequences = _neuron_token_logits(static_logits, token_logits, batch, length)
         _check(library.polyglu_neuron_token_forward(
-            _pointer(gate), _pointer(up), _pointer(out), _pointer(codes), ctypes.c_int64(num), *tables.arguments(),
-            ctypes.c_int64(batch * length), ctypes.c_int64(length), ctypes.c_int64(width),
-            ctypes.c_float(tables.inv_tau), ctypes.c_int32(int(hard)), ctypes.c_int32(threads),
+            _pointer(gate), _pointer(up), _pointer(out), _pointer(codes), ctypes.c_int64(num), _pointer(static),
+            _pointer(token), ctypes.c_int64(sequences), ctypes.c_int64(batch * length), ctypes.c_int64(length),
+            ctypes.c_int64(width), ctypes.c_float(1.0 / tau), ctypes.c_int32(int(hard)), ctypes.c_int32(threads),
         ), "polyglu_neuron_token_forward")
     else:
         applied, _ = _row_coefficients(static_logits, token_logits, batch, length, tau, normalization, hard)
@@ -717,22 +761,22 @@ def mix_backward(library, grad_out, gate, up, static_logits, token_logits, activ
     needs_token = token_logits is not None and needs[3]
     codes = _codes(activations)
     if uses_neuron_table(static_logits, normalization):
-        tables = _NeuronTokenTables(static_logits, token_logits, batch, length, tau)
+        static, token, sequences = _neuron_token_logits(static_logits, token_logits, batch, length)
         rows_per_block = _rows_per_block(batch, length, threads)
         num_blocks = batch * -(-length // rows_per_block)
         static_partial = gate.new_empty(num_blocks, num, width) if needs_static else None
         token_grad = gate.new_empty(num, rows) if needs_token else None
         _check(library.polyglu_neuron_token_backward(
             _pointer(grad_out), _pointer(gate), _pointer(up), _pointer(grad_gate), _pointer(grad_up),
-            _pointer(static_partial), _pointer(token_grad), _pointer(codes), ctypes.c_int64(num),
-            *tables.arguments(), ctypes.c_int64(rows), ctypes.c_int64(length), ctypes.c_int64(width),
-            ctypes.c_float(tables.inv_tau), ctypes.c_int32(int(hard)), ctypes.c_int64(rows_per_block),
-            ctypes.c_int32(threads),
+            _pointer(static_partial), _pointer(token_grad), _pointer(codes), ctypes.c_int64(num), _pointer(static),
+            _pointer(token), ctypes.c_int64(sequences), ctypes.c_int64(rows), ctypes.c_int64(length),
+            ctypes.c_int64(width), ctypes.c_float(1.0 / tau), ctypes.c_int32(int(hard)),
+            ctypes.c_int64(rows_per_block), ctypes.c_int32(threads),
         ), "polyglu_neuron_token_backward")
         grad_static = None
         if static_partial is not None:
             per_sequence = static_partial.view(batch, -1, num, width).sum(dim=1)  # [B, K, F]
-            if tables.S == 1:
+            if sequences == 1:
                 per_sequence = per_sequence.sum(dim=0, keepdim=True)
             grad_static = per_sequence.permute(1, 0, 2).unsqueeze(2)  # [K, S, 1, F]
         row_grads = token_grad
