@@ -40,11 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import activation_mixing, cpu_mixing_kernel
+from . import activation_mixing, cpu_mixing_kernel, conversion_benchmark
 from .configuration_polyglu import FFN_TYPES, PolyGLUConfig
 from .modeling_polyglu import PolyGLUForCausalLM, PolyGLUMLP
 
-SUITES = ("ffn", "hard", "step", "decode", "generate")
+SUITES = ("ffn", "hard", "step", "decode", "generate", "convert")
 RECOMPILE_LIMIT = 64
 SATURATED_ALPHA_STD = 100.0
 _DISABLE_COMPILE_ENV = "POLYGLU_DISABLE_COMPILE"
@@ -75,7 +75,7 @@ GENERATE_MODEL_QUICK = STEP_MODEL_QUICK
 GENERATE_PROMPT, GENERATE_LENGTHS = 128, (64, 128, 256)
 GENERATE_PROMPT_QUICK, GENERATE_LENGTHS_QUICK = 8, (4, 8)
 
-DEFAULT_REPEATS = {"ffn": 5, "hard": 7, "step": 3, "decode": 5, "generate": 3}
+DEFAULT_REPEATS = {"ffn": 5, "hard": 7, "step": 3, "decode": 5, "generate": 3, "convert": 1}
 QUICK_REPEATS = 1
 
 
@@ -787,7 +787,31 @@ def _progress(args, message: str) -> None:
         print(f"[polyglu bench] {message}", file=sys.stderr, flush=True)
 
 
-RUNNERS = {"ffn": run_ffn_suite, "hard": run_hard_suite, "step": run_step_suite, "decode": run_decode_suite, "generate": run_generate_suite}
+# ----------------------------------------------------------------------------------------------------------------
+# (e) convert: peak memory of streaming conversion
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_convert_suite(args) -> dict:
+    quick = args.quick
+    total_gb = args.convert_total_gb or (conversion_benchmark.CONVERT_TOTAL_GB_QUICK if quick
+                                         else conversion_benchmark.CONVERT_TOTAL_GB)
+    shard_mbs = args.convert_shard_mb or (conversion_benchmark.CONVERT_SHARD_MB_QUICK if quick
+                                          else conversion_benchmark.CONVERT_SHARD_MB)
+    model = conversion_benchmark.CONVERT_MODEL_QUICK if quick else conversion_benchmark.CONVERT_MODEL
+    rows = conversion_benchmark.conversion_memory_rows(total_gb, shard_mbs, model,
+                                                       progress=lambda message: _progress(args, message))
+    return {
+        "description": "Peak RSS of `convert qwen3 --no-verify` (polyglu) in a fresh process on a synthetic bf16 "
+                       "Qwen3 checkpoint, minus the peak RSS of a process that only imports the converter, "
+                       "against the largest shard. Not a timing: one run per shard size.",
+        "model": dict(zip(("hidden_size", "intermediate_size", "vocab_size"), model)),
+        "rows": rows,
+    }
+
+
+RUNNERS = {"ffn": run_ffn_suite, "hard": run_hard_suite, "step": run_step_suite, "decode": run_decode_suite, "generate": run_generate_suite,
+           "convert": run_convert_suite}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -829,6 +853,11 @@ HARD_COLUMNS = [
     ("mixer", "contender", ""), ("soft ms", "soft_ms", ".1f"), ("hard ms", "hard_ms", ".1f"),
     ("spread", "hard_rel_spread", "pct"), ("hard / soft", "hard_vs_soft", ".2f"), ("paired", "hard_vs_soft_paired", ".2f"),
     ("soft / swiglu", "soft_vs_swiglu", ".2f"),
+]
+CONVERT_COLUMNS = [
+    ("checkpoint GiB", "checkpoint_gib", ".2f"), ("shards", "shards", "d"), ("largest shard MiB", "largest_shard_mib", ".0f"),
+    ("peak RSS MiB", "peak_rss_mib", ".0f"), ("peak − import baseline MiB", "peak_minus_baseline_mib", ".0f"),
+    ("÷ largest shard", "ratio_to_largest_shard", ".2f"),
 ]
 STEP_COLUMNS = [
     ("ffn_type", "contender", ""), ("params", "params", ","), ("step ms", "time_ms", ".0f"),
@@ -884,6 +913,9 @@ def render(results: dict) -> str:
                      f"layers={model['num_hidden_layers']} vocab={model['vocab_size']}, prompt "
                      f"{generate['prompt_tokens']}, batch 1: generate() with cache vs no-cache loop\n\n"
                      + markdown_table(generate["rows"], GENERATE_COLUMNS))
+    if "convert" in suites:
+        parts.append("### convert: peak RSS of streaming `convert qwen3` (polyglu, --no-verify)\n\n"
+                     + markdown_table(suites["convert"]["rows"], CONVERT_COLUMNS))
     if meta.get("recompile_warnings"):
         parts.append("torch._dynamo recompilation warnings (some fused kernels may have fallen back to eager):\n"
                      + "\n".join(f"* {message}" for message in meta["recompile_warnings"]))
@@ -915,11 +947,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--suite", choices=SUITES + ("all",), default="ffn",
                         help="ffn (default): FFN block fwd+bwd and saved bytes; hard: soft vs hard routing at "
-                             "inference; step: training step; decode: cached "
+                             "inference; step: training step; convert: peak memory of streaming conversion; decode: cached "
                              "per-token latency; generate: cached generate() vs no-cache loop; all: every suite")
     parser.add_argument("--repeats", type=int,
                         help="interleaved repetitions per contender (default: ffn 5, hard 7, step 3, decode 5, "
-                             "generate 3; "
+                             "generate 3; convert always runs once; "
                              f"{QUICK_REPEATS} with --quick)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds before timing (default 1)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds; for tests and smoke runs)")
@@ -933,6 +965,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-tokens", type=int, help=f"new tokens of the decode suite (default {DECODE_TOKENS})")
     parser.add_argument("--generate-lengths", type=_csv_ints,
                         help="new-token counts of the generate suite (default 64,128,256)")
+    parser.add_argument("--convert-total-gb", type=float,
+                        help=f"synthetic checkpoint size of the convert suite (default {conversion_benchmark.CONVERT_TOTAL_GB:g})")
+    parser.add_argument("--convert-shard-mb", type=_csv_ints,
+                        help="shard sizes of the convert suite (default 256,1024)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--silent", action="store_true", help="no progress lines on stderr")
     return parser

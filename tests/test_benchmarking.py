@@ -80,6 +80,21 @@ def test_model_suites_report_ratios_against_swiglu(quick_results):
         assert row["tokens_match"] is True  # causal routing: the cache reproduces recomputation
 
 
+def test_hard_and_convert_suites_report_their_rows(quick_results):
+    suites = quick_results["suites"]
+    for case in suites["hard"]["cases"]:
+        rows = {row["contender"]: row for row in case["rows"]}
+        assert {"polyglu", "moa", "dualglu", "dualglu[learned_static]"} <= set(rows)
+        for row in rows.values():
+            for key in ("soft_ms", "hard_ms", "hard_vs_soft", "soft_vs_swiglu"):
+                assert _positive_finite(row[key]), (row["contender"], key)
+    convert = suites["convert"]["rows"]
+    assert [row["shards"] for row in convert] == sorted((row["shards"] for row in convert), reverse=True)
+    for row in convert:
+        assert row["shards"] >= 2 and _positive_finite(row["largest_shard_mib"])
+        assert row["peak_rss_mib"] > row["baseline_rss_mib"] > 0  # converting costs something beyond the import
+
+
 def test_markdown_tables_are_printed(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("POLYGLU_DISABLE_COMPILE", "1")
     path = tmp_path / "ffn.json"
