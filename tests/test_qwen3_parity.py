@@ -55,6 +55,14 @@ def swiglu_model(tie: bool, attn: str, seed: int = 0) -> PolyGLUForCausalLM:
     return PolyGLUForCausalLM(config).eval()
 
 
+def qwen3_and_its_swiglu_copy(tie: bool, attn: str):
+    """A Qwen3 model and a swiglu PolyGLU model (built with other random weights) loaded strictly from it."""
+    qwen3 = qwen3_model(tie, attn)
+    polyglu = swiglu_model(tie, attn, seed=1)
+    polyglu.load_state_dict(qwen3.state_dict(), strict=True)
+    return qwen3, polyglu
+
+
 def left_padded_batch(seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, DIMS["vocab_size"], (len(PAD_LENGTHS), PROMPT_LENGTH), generator=generator)
@@ -89,9 +97,7 @@ def greedy(model, input_ids, attention_mask, new_tokens=10):
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_qwen3_state_dict_loads_strictly_into_swiglu_model(tie):
-    qwen3 = qwen3_model(tie, "eager")
-    polyglu = swiglu_model(tie, "eager", seed=1)
-    polyglu.load_state_dict(qwen3.state_dict(), strict=True)
+    qwen3, polyglu = qwen3_and_its_swiglu_copy(tie, "eager")
     for name, tensor in qwen3.state_dict().items():
         torch.testing.assert_close(polyglu.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
     assert (polyglu.lm_head.weight.data_ptr() == polyglu.model.embed_tokens.weight.data_ptr()) == tie
@@ -100,9 +106,7 @@ def test_qwen3_state_dict_loads_strictly_into_swiglu_model(tie):
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_logits_match_qwen3_with_left_padding(tie, attn):
-    qwen3 = qwen3_model(tie, attn)
-    polyglu = swiglu_model(tie, attn, seed=1)
-    polyglu.load_state_dict(qwen3.state_dict(), strict=True)
+    qwen3, polyglu = qwen3_and_its_swiglu_copy(tie, attn)
     assert polyglu.config._attn_implementation == qwen3.config._attn_implementation == attn
     input_ids, attention_mask = left_padded_batch()
     difference = max_logit_difference(qwen3, polyglu, input_ids, attention_mask)
@@ -113,9 +117,7 @@ def test_logits_match_qwen3_with_left_padding(tie, attn):
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_greedy_generation_matches_qwen3(tie, attn):
-    qwen3 = qwen3_model(tie, attn)
-    polyglu = swiglu_model(tie, attn, seed=1)
-    polyglu.load_state_dict(qwen3.state_dict(), strict=True)
+    qwen3, polyglu = qwen3_and_its_swiglu_copy(tie, attn)
     input_ids, attention_mask = left_padded_batch(seed=2)
     expected = greedy(qwen3, input_ids, attention_mask)
     generated = greedy(polyglu, input_ids, attention_mask)
