@@ -10,7 +10,7 @@ from pathlib import Path
 # allow running from a checkout without installing the package
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modeling_polyglu.benchmarking import main  # noqa: E402
+from modeling_polyglu.benchmarks.runner import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

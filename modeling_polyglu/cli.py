@@ -81,7 +81,7 @@ def _add_convert_parsers(subparsers):
 
 
 def _run_convert_qwen3(args) -> int:
-    from .qwen3_conversion import convert_qwen3
+    from .conversion.qwen3 import convert_qwen3
 
     preferred = None if args.router_init_activation == "none" else args.router_init_activation
     convert_qwen3(
@@ -93,7 +93,7 @@ def _run_convert_qwen3(args) -> int:
 
 
 def _run_convert_polychromatic(args) -> int:
-    from .polychromatic_import import convert_polychromatic
+    from .conversion.polychromatic import convert_polychromatic
 
     convert_polychromatic(
         args.src, args.dst, tokenizer=args.tokenizer, tau=args.tau,
@@ -120,7 +120,7 @@ def _add_inspect_parser(subparsers):
 
 
 def _run_inspect(args) -> int:
-    from .inspect_routing import inspect_checkpoint
+    from .training.inspect import inspect_checkpoint
 
     inspect_checkpoint(args.model_dir, args.text, args.dataset, args.output_dir, args.limit, trust_remote_code=args.trust_remote_code)
     return 0
@@ -152,15 +152,15 @@ def _interrupt_on_sigterm(signum, frame):
 
 
 def main(argv=None) -> int:
-    from .atomic_output import DestinationExistsError
+    from .conversion.staging import DestinationExistsError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # the benchmark suite has its own parser
-        from .benchmarking import main as bench_main
+        from .benchmarks.runner import main as bench_main
 
         return bench_main(argv[1:])
     if argv[:1] == ["sft"]:  # TRL's own parser takes every remaining argument (and --config YAML files)
-        from .sft import main as sft_main
+        from .training.sft import main as sft_main
 
         try:
             return sft_main(argv[1:])

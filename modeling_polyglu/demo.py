@@ -20,10 +20,10 @@ from typing import Optional
 
 import torch
 
-from .atomic_output import atomic_directory
+from .conversion.staging import atomic_directory
 from .char_tokenizer import build_chat_tokenizer
-from .qwen3_conversion import convert_qwen3
-from .remote_code import generate_in_fresh_process
+from .conversion.qwen3 import convert_qwen3
+from .conversion.remote_code import generate_in_fresh_process
 
 OPERAND_MAX = 20
 BASE_DIMS = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
@@ -113,7 +113,7 @@ def run_demo(
     overwrite: bool = False,
     log=print,
 ) -> dict:
-    from .sft import build_parser, run_sft
+    from .training.sft import build_parser, run_sft
 
     started = time.perf_counter()
     train_facts, held_out = split_facts(seed)

@@ -6,7 +6,7 @@
 
 import sys
 
-from modeling_polyglu.sft import main
+from modeling_polyglu.training.sft import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from modeling_polyglu.atomic_output import DestinationExistsError, atomic_directory
+from modeling_polyglu.conversion.staging import DestinationExistsError, atomic_directory
 from modeling_polyglu.cli import main
 
 

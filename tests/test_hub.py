@@ -16,7 +16,7 @@ from huggingface_hub.errors import EntryNotFoundError, RemoteEntryNotFoundError,
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_polyglu.char_tokenizer import build_char_tokenizer
-from modeling_polyglu.remote_code import load_in_fresh_process
+from modeling_polyglu.conversion.remote_code import load_in_fresh_process
 from tests.hub_server import LoopbackHub
 from tests.utils import tiny_model
 

@@ -153,7 +153,7 @@ def checkpoint(root):
     from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     from modeling_polyglu.char_tokenizer import build_char_tokenizer
-    from modeling_polyglu.qwen3_conversion import convert_qwen3
+    from modeling_polyglu.conversion.qwen3 import convert_qwen3
 
     source, destination = root / "qwen3", root / "polyglu"
     tokenizer = build_char_tokenizer([CHARACTERS])

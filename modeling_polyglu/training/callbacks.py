@@ -1,7 +1,6 @@
-"""Training PolyGLU-family models with TRL: router hygiene, a τ schedule, and monitoring of the applied routing.
+"""Trainer callbacks of `polyglu sft`: a τ schedule and monitoring of the applied routing, with their options.
 
-* :class:`PolyGLUSFTTrainer` — TRL's SFTTrainer that never weight-decays router parameters (Trainer only exempts
-  norms and biases, so α ([d_ff, K]) and router weights would be decayed — the reference's own bug).
+* :class:`RoutingArguments` — the routing options of `polyglu sft` (parsed next to TRL's own arguments).
 * :class:`RoutingTauCallback` — keeps τ fixed (the checkpoint's `routing_tau`) or anneals it linearly/cosine; the
   final τ is written to the model config, so the saved model evaluates with it.
 * :class:`RoutingMonitorCallback` — every `routing_monitor_steps` steps (and at start and end) measures the routing
@@ -18,13 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
-from trl import SFTTrainer
 
 from .reports import write_routing_report
-from .routing_stats import RoutingProbe, concatenate_snapshot, routing_alerts, unwrap_polyglu_model
+from .routing_stats import RoutingProbe, concatenate_snapshot, probe_batches, routing_alerts, unwrap_polyglu_model
 
 SNAPSHOT_FILE = "routing_initial_snapshot{suffix}.safetensors"
 INITIAL_METRICS_FILE = "routing_initial_metrics.json"
@@ -53,17 +50,6 @@ class RoutingArguments:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}.")
-
-
-def is_router_parameter(name: str) -> bool:
-    return ".router." in name or name.startswith("router.")
-
-
-class PolyGLUSFTTrainer(SFTTrainer):
-    """SFTTrainer whose optimizer never applies weight decay to router parameters."""
-
-    def get_decay_parameter_names(self, model) -> list[str]:
-        return [name for name in super().get_decay_parameter_names(model) if not is_router_parameter(name)]
 
 
 def tau_at(progress: float, start: float, end: float, schedule: str) -> float:
@@ -101,44 +87,6 @@ class RoutingTauCallback(TrainerCallback):
             return
         progress = state.global_step / max(state.max_steps, 1)
         base.set_routing_tau(tau_at(progress, self.start, self.end, self.arguments.routing_tau_schedule))
-
-
-def tokenize_probe(examples, tokenizer, max_length: int = 512) -> list[list[int]]:
-    """Token ids of probe examples: conversational `messages` through the chat template, else a `text` field."""
-    token_lists = []
-    for example in examples:
-        if "messages" in example:
-            ids = tokenizer.apply_chat_template(example["messages"], tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        elif "prompt" in example and "completion" in example:
-            ids = tokenizer(_as_text(example["prompt"], tokenizer) + _as_text(example["completion"], tokenizer)).input_ids
-        elif "text" in example:
-            ids = tokenizer(example["text"]).input_ids
-        else:
-            raise ValueError(f"Probe examples need 'messages', 'prompt'/'completion' or 'text'; got keys {sorted(example)}.")
-        token_lists.append(list(ids)[:max_length])
-    return token_lists
-
-
-def _as_text(value, tokenizer) -> str:
-    if isinstance(value, str):
-        return value
-    return tokenizer.apply_chat_template(value, tokenize=False)
-
-
-def probe_batches(token_lists: list[list[int]], batch_size: int, pad_token_id: int) -> list[dict]:
-    """Right-padded batches with attention masks."""
-    batches = []
-    for start in range(0, len(token_lists), batch_size):
-        chunk = token_lists[start : start + batch_size]
-        length = max(len(ids) for ids in chunk)
-        input_ids = torch.full((len(chunk), length), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), length), dtype=torch.long)
-        for row, ids in enumerate(chunk):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-        batches.append({"input_ids": input_ids, "attention_mask": attention_mask})
-    return batches
 
 
 class RoutingMonitorCallback(TrainerCallback):

@@ -7,13 +7,9 @@ import pytest
 import torch
 
 from modeling_polyglu import FFN_TYPES
-from modeling_polyglu.benchmarking import (
-    SUITES,
-    ReferenceStylePolyGLU,
-    main,
-    run_interleaved,
-    saved_tensor_bytes,
-)
+from modeling_polyglu.benchmarks.ffn import ReferenceStylePolyGLU
+from modeling_polyglu.benchmarks.harness import run_interleaved, saved_tensor_bytes
+from modeling_polyglu.benchmarks.runner import SUITES, main
 
 
 def _positive_finite(value) -> bool:

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .atomic_output import atomic_directory
+from .staging import atomic_directory
 from .checkpoint_io import (
     INDEX_FILE,
     CheckpointError,
@@ -28,9 +28,9 @@ from .checkpoint_io import (
     write_index,
     write_shard,
 )
-from .configuration_polyglu import FFN_TYPES, PolyGLUConfig
+from ..configuration_polyglu import FFN_TYPES, PolyGLUConfig
 from .model_card import write_model_card
-from .modeling_polyglu import mixer_spec
+from ..modeling_polyglu import mixer_spec
 
 QWEN3_CONFIG_KEYS = (
     "vocab_size",
@@ -334,7 +334,7 @@ def deviation_and_router_gradient(source_model, converted_model, input_ids):
 def _verify(source: Path, converted: Path, report: ConversionReport, probe_file, log) -> None:
     from transformers import AutoModelForCausalLM
 
-    from .modeling_polyglu import PolyGLUForCausalLM
+    from ..modeling_polyglu import PolyGLUForCausalLM
 
     source_model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
     converted_model = PolyGLUForCausalLM.from_pretrained(str(converted), dtype=torch.float32)

@@ -18,7 +18,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from modeling_polyglu import PolyGLUForCausalLM
 from modeling_polyglu.char_tokenizer import build_char_tokenizer
 from modeling_polyglu.cli import main
-from modeling_polyglu.qwen3_conversion import convert_qwen3, parse_layers
+from modeling_polyglu.conversion.qwen3 import convert_qwen3, parse_layers
 
 QWEN3_DIMS = dict(
     vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,

@@ -21,7 +21,7 @@ import torch
 def build_parser():
     from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
-    from .training import RoutingArguments
+    from .callbacks import RoutingArguments
 
     parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, RoutingArguments), prog="polyglu sft")
     defaults = {"report_to": "none", "save_strategy": "no", "logging_steps": 10}
@@ -87,9 +87,10 @@ def run_sft(script_args, training_args, model_args, routing_args, quiet: bool = 
 
     `quiet` keeps the console free of per-step log dictionaries (they still reach log_history and report_to).
     """
-    from .peft_utils import lora_config_for
-    from .routing_stats import unwrap_polyglu_model
-    from .training import PolyGLUSFTTrainer, add_routing_callbacks, tokenize_probe
+    from .callbacks import add_routing_callbacks
+    from .peft import lora_config_for
+    from .routing_stats import tokenize_probe, unwrap_polyglu_model
+    from .trainer import PolyGLUSFTTrainer
 
     dataset = load_training_dataset(script_args.dataset_name, script_args.dataset_config)
     train, evaluation, probe_examples = _split_probe(dataset, script_args, routing_args, training_args.seed)

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from .configuration_polyglu import PolyGLUConfig
+from ..configuration_polyglu import PolyGLUConfig
 
 
 def _ffn_types(config: PolyGLUConfig) -> list[str]:

@@ -15,6 +15,9 @@ Dynamic GEGLU reports its gate (`gate_mean`, `gate_std`, `gate_min`, `gate_max`)
 Sums are reduced across processes (torch.distributed) before the means are taken, so every rank runs its own probe
 shard and all ranks agree on the result. The snapshot for flip rate and KL keeps at most `max_neurons` neurons per
 layer (a fixed evenly spaced subset) to stay small.
+
+The probe set itself: `tokenize_probe` turns examples (SFT formats or plain text) into token ids, `probe_batches`
+pads them into the batches `RoutingProbe.measure` takes.
 """
 
 import math
@@ -257,3 +260,41 @@ def routing_alerts(metrics: dict, initial: dict, collapse_threshold: float = 0.9
         if metrics.get(f"routing/{layer}/nonfinite", 0.0) > 0:
             alerts.append(("nonfinite", f"{layer}: {int(metrics[f'routing/{layer}/nonfinite'])} NaN/inf routing weights"))
     return alerts
+
+
+def tokenize_probe(examples, tokenizer, max_length: int = 512) -> list[list[int]]:
+    """Token ids of probe examples: conversational `messages` through the chat template, else a `text` field."""
+    token_lists = []
+    for example in examples:
+        if "messages" in example:
+            ids = tokenizer.apply_chat_template(example["messages"], tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        elif "prompt" in example and "completion" in example:
+            ids = tokenizer(_as_text(example["prompt"], tokenizer) + _as_text(example["completion"], tokenizer)).input_ids
+        elif "text" in example:
+            ids = tokenizer(example["text"]).input_ids
+        else:
+            raise ValueError(f"Probe examples need 'messages', 'prompt'/'completion' or 'text'; got keys {sorted(example)}.")
+        token_lists.append(list(ids)[:max_length])
+    return token_lists
+
+
+def _as_text(value, tokenizer) -> str:
+    if isinstance(value, str):
+        return value
+    return tokenizer.apply_chat_template(value, tokenize=False)
+
+
+def probe_batches(token_lists: list[list[int]], batch_size: int, pad_token_id: int) -> list[dict]:
+    """Right-padded batches with attention masks."""
+    batches = []
+    for start in range(0, len(token_lists), batch_size):
+        chunk = token_lists[start : start + batch_size]
+        length = max(len(ids) for ids in chunk)
+        input_ids = torch.full((len(chunk), length), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), length), dtype=torch.long)
+        for row, ids in enumerate(chunk):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        batches.append({"input_ids": input_ids, "attention_mask": attention_mask})
+    return batches

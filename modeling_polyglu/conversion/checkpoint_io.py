@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .modeling_polyglu import REMOTE_CODE_AUTO_MAP, REMOTE_CODE_FILES
+from ..modeling_polyglu import REMOTE_CODE_AUTO_MAP, REMOTE_CODE_FILES
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -109,6 +109,6 @@ def write_config_and_remote_code(config, destination: Path) -> None:
     """config.json with an auto_map for every Auto class, plus the model's own .py files (flat, as transformers does)."""
     config.auto_map = dict(REMOTE_CODE_AUTO_MAP)
     config.to_json_file(str(destination / "config.json"))
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent  # the package root, where the model files stand
     for name in REMOTE_CODE_FILES:
         shutil.copy2(package / name, destination / name)

@@ -36,7 +36,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
 NUM_EXAMPLES = 64
 MAX_STEPS = 5
@@ -73,7 +73,7 @@ def workspace(tmp_path_factory):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from modeling_polyglu.char_tokenizer import build_chat_tokenizer
-    from modeling_polyglu.qwen3_conversion import convert_qwen3
+    from modeling_polyglu.conversion.qwen3 import convert_qwen3
 
     root = tmp_path_factory.mktemp("sft_distributed")
     rows = _conversations(NUM_EXAMPLES)
@@ -158,7 +158,7 @@ def _log_history(run) -> list[dict]:
 
 
 def test_recipes_parse_and_say_what_they_promise():
-    from modeling_polyglu.sft import build_parser
+    from modeling_polyglu.training.sft import build_parser
 
     recipes = sorted(RECIPES.glob("*.yaml"))
     names = {path.stem for path in recipes}
@@ -228,9 +228,8 @@ def test_ddp_probe_metrics_are_reduced_over_both_shards(workspace, ddp_run):
     from datasets import Dataset, DatasetDict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from modeling_polyglu.routing_stats import RoutingProbe
-    from modeling_polyglu.sft import _split_probe
-    from modeling_polyglu.training import probe_batches, tokenize_probe
+    from modeling_polyglu.training.routing_stats import RoutingProbe, probe_batches, tokenize_probe
+    from modeling_polyglu.training.sft import _split_probe
 
     logged = json.loads((ddp_run.output_dir / "routing_initial_metrics.json").read_text())
     dataset = DatasetDict(train=Dataset.from_list(workspace.rows))

@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 from modeling_polyglu import PolyGLUForCausalLM
 from modeling_polyglu.char_tokenizer import build_char_tokenizer
 from modeling_polyglu.cli import main
-from modeling_polyglu.polychromatic_import import convert_polychromatic
+from modeling_polyglu.conversion.polychromatic import convert_polychromatic
 
-from .reference_polychromatic import make_reference_state_dict, reference_logits, write_reference_checkpoint
+from ..reference_polychromatic import make_reference_state_dict, reference_logits, write_reference_checkpoint
 
 QUIET = dict(log=lambda *args: None)
 

@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from .reports import write_routing_report
-from .routing_stats import RoutingProbe, unwrap_polyglu_model
-from .training import probe_batches, tokenize_probe
+from .routing_stats import RoutingProbe, probe_batches, tokenize_probe, unwrap_polyglu_model
 
 BUILT_IN_TEXT = [
     "The quick brown fox jumps over the lazy dog.",

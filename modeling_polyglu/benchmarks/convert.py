@@ -1,8 +1,8 @@
-"""Peak memory of streaming `convert qwen3` against the shard size, on synthetic Qwen3 checkpoints.
+"""The `convert` suite: peak memory of streaming `convert qwen3` against the shard size, on synthetic Qwen3 checkpoints.
 
 For each shard size, a synthetic bf16 Qwen3 checkpoint (constant-valued tensors, written shard by shard so this
 process stays small) is converted in a fresh process with `verify=False`; the reported figure is that process's
-peak RSS minus the peak RSS of a process that only imports the converter. The `convert` suite of `polyglu bench`.
+peak RSS minus the peak RSS of a process that only imports the converter. Not a timing: one run per shard size.
 """
 
 import json
@@ -14,6 +14,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from ..configuration_polyglu import PolyGLUConfig
+from ..conversion.qwen3 import expected_qwen3_shapes
+from .harness import markdown_table, progress
+
+DEFAULT_REPEATS = 1
 
 _PEAK_RSS = r"""
 import resource
@@ -27,26 +33,11 @@ CONVERT_MODEL_QUICK = (64, 256, 512)
 CONVERT_TOTAL_GB, CONVERT_SHARD_MB = 3.0, (256, 1024)
 CONVERT_TOTAL_GB_QUICK, CONVERT_SHARD_MB_QUICK = 0.02, (2, 8)
 
-
-def _qwen3_shapes(hidden: int, intermediate: int, layers: int, vocab: int, heads: int, kv_heads: int,
-                  head_dim: int) -> dict:
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
-    for i in range(layers):
-        prefix = f"model.layers.{i}"
-        shapes.update({
-            f"{prefix}.input_layernorm.weight": (hidden,),
-            f"{prefix}.post_attention_layernorm.weight": (hidden,),
-            f"{prefix}.self_attn.q_proj.weight": (heads * head_dim, hidden),
-            f"{prefix}.self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
-            f"{prefix}.self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
-            f"{prefix}.self_attn.o_proj.weight": (hidden, heads * head_dim),
-            f"{prefix}.self_attn.q_norm.weight": (head_dim,),
-            f"{prefix}.self_attn.k_norm.weight": (head_dim,),
-            f"{prefix}.mlp.gate_proj.weight": (intermediate, hidden),
-            f"{prefix}.mlp.up_proj.weight": (intermediate, hidden),
-            f"{prefix}.mlp.down_proj.weight": (hidden, intermediate),
-        })
-    return shapes
+COLUMNS = [
+    ("checkpoint GiB", "checkpoint_gib", ".2f"), ("shards", "shards", "d"), ("largest shard MiB", "largest_shard_mib", ".0f"),
+    ("peak RSS MiB", "peak_rss_mib", ".0f"), ("peak − import baseline MiB", "peak_minus_baseline_mib", ".0f"),
+    ("÷ largest shard", "ratio_to_largest_shard", ".2f"),
+]
 
 
 def _bf16_bytes(shape) -> int:
@@ -65,8 +56,10 @@ def synthetic_qwen3(directory: Path, hidden: int, intermediate: int, layers: int
         rope_theta=1e6, max_position_embeddings=4096, dtype="bfloat16",
     )
     (directory / "config.json").write_text(json.dumps(config))
+    dims = {key: config[key] for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                          "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")}
     shards, current, current_bytes = [], {}, 0
-    for name, shape in _qwen3_shapes(hidden, intermediate, layers, vocab, heads, kv_heads, head_dim).items():
+    for name, shape in expected_qwen3_shapes(PolyGLUConfig(**dims)).items():
         if current and current_bytes + _bf16_bytes(shape) > shard_bytes:
             shards.append(current)
             current, current_bytes = {}, 0
@@ -93,19 +86,19 @@ def peak_rss(body: str) -> int:
 
 
 def conversion_memory_rows(total_gb: float, shard_mbs, model=CONVERT_MODEL, ffn_type: str = "polyglu",
-                           scratch_dir=None, progress=lambda message: None) -> list:
+                           scratch_dir=None, on_progress=lambda message: None) -> list:
     hidden, intermediate, vocab = model
     per_layer = 2 * (3 * hidden * intermediate + 2 * hidden * hidden + 2 * hidden * (hidden // 2))
     layers = max(1, int((total_gb * 2**30 - 2 * vocab * hidden) // per_layer))
-    baseline = peak_rss("import modeling_polyglu.qwen3_conversion")
+    baseline = peak_rss("import modeling_polyglu.conversion.qwen3")
     rows = []
     for shard_mb in shard_mbs:
-        progress(f"convert: {total_gb:g} GB checkpoint, {shard_mb} MB shards")
+        on_progress(f"convert: {total_gb:g} GB checkpoint, {shard_mb} MB shards")
         with tempfile.TemporaryDirectory(dir=scratch_dir) as scratch:
             source, destination = Path(scratch) / "src", Path(scratch) / "dst"
             total, largest, count = synthetic_qwen3(source, hidden, intermediate, layers, vocab, shard_mb * 2**20)
             peak = peak_rss(
-                "from modeling_polyglu.qwen3_conversion import convert_qwen3\n"
+                "from modeling_polyglu.conversion.qwen3 import convert_qwen3\n"
                 f"convert_qwen3({str(source)!r}, {str(destination)!r}, {ffn_type!r}, verify=False, "
                 "log=lambda *a: None)"
             )
@@ -116,3 +109,23 @@ def conversion_memory_rows(total_gb: float, shard_mbs, model=CONVERT_MODEL, ffn_
             "peak_minus_baseline_mib": (peak - baseline) / 2**20, "ratio_to_largest_shard": (peak - baseline) / largest,
         })
     return rows
+
+
+def run(args) -> dict:
+    quick = args.quick
+    total_gb = args.convert_total_gb or (CONVERT_TOTAL_GB_QUICK if quick else CONVERT_TOTAL_GB)
+    shard_mbs = args.convert_shard_mb or (CONVERT_SHARD_MB_QUICK if quick else CONVERT_SHARD_MB)
+    model = CONVERT_MODEL_QUICK if quick else CONVERT_MODEL
+    rows = conversion_memory_rows(total_gb, shard_mbs, model, on_progress=lambda message: progress(args, message))
+    return {
+        "description": "Peak RSS of `convert qwen3 --no-verify` (polyglu) in a fresh process on a synthetic bf16 "
+                       "Qwen3 checkpoint, minus the peak RSS of a process that only imports the converter, "
+                       "against the largest shard. Not a timing: one run per shard size.",
+        "model": dict(zip(("hidden_size", "intermediate_size", "vocab_size"), model)),
+        "rows": rows,
+    }
+
+
+def render(result: dict) -> list:
+    return ["### convert: peak RSS of streaming `convert qwen3` (polyglu, --no-verify)\n\n"
+            + markdown_table(result["rows"], COLUMNS)]

@@ -13,10 +13,11 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from modeling_polyglu import PolyGLUForCausalLM
 from modeling_polyglu.char_tokenizer import build_chat_tokenizer
 from modeling_polyglu.cli import main
-from modeling_polyglu.qwen3_conversion import convert_qwen3
-from modeling_polyglu.routing_stats import routing_alerts
-from modeling_polyglu.sft import build_parser, run_sft
-from modeling_polyglu.training import PolyGLUSFTTrainer, RoutingArguments, tau_at
+from modeling_polyglu.conversion.qwen3 import convert_qwen3
+from modeling_polyglu.training.callbacks import RoutingArguments, tau_at
+from modeling_polyglu.training.routing_stats import routing_alerts
+from modeling_polyglu.training.sft import build_parser, run_sft
+from modeling_polyglu.training.trainer import PolyGLUSFTTrainer
 
 
 @pytest.fixture(scope="module")

@@ -26,11 +26,11 @@ from typing import Optional
 import torch
 from safetensors import safe_open
 
-from .atomic_output import atomic_directory
+from .staging import atomic_directory
 from .checkpoint_io import CheckpointError, copy_tokenizer_and_generation_config, write_config_and_remote_code, write_shard
-from .configuration_polyglu import DEFAULT_ACTIVATIONS, PolyGLUConfig
+from ..configuration_polyglu import DEFAULT_ACTIVATIONS, PolyGLUConfig
 from .model_card import write_model_card
-from .qwen3_conversion import expected_qwen3_shapes  # the backbone tensors are Qwen3's
+from .qwen3 import expected_qwen3_shapes  # the backbone tensors are Qwen3's
 
 REFERENCE_EPS = 1e-6
 REFERENCE_ROPE_THETA = 10000.0

@@ -1,6 +1,6 @@
 """LoRA fine-tuning with PEFT, in the spirit of transformers' PeftIntegrationTester, for the routed FFN variants.
 
-`modeling_polyglu.peft_utils.lora_config_for(model)` puts LoRA on every attention and FFN projection and trains each
+`modeling_polyglu.training.peft.lora_config_for(model)` puts LoRA on every attention and FFN projection and trains each
 layer's `mlp.router` in full (`modules_to_save=["router"]`). These tests follow one adapter through its life:
 
 - get_peft_model: LoRA on every projection present, routers trainable, base weights frozen
@@ -28,10 +28,10 @@ from safetensors.torch import load_file
 
 import modeling_polyglu  # noqa: F401  (registers the Auto classes)
 from modeling_polyglu import PolyGLUForCausalLM
-from modeling_polyglu.peft_utils import lora_config_for
-from modeling_polyglu.remote_code import load_in_fresh_process
+from modeling_polyglu.training.peft import lora_config_for
+from modeling_polyglu.conversion.remote_code import load_in_fresh_process
 
-from .utils import tiny_config, tiny_model
+from ..utils import tiny_config, tiny_model
 
 peft = pytest.importorskip("peft")
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model  # noqa: E402

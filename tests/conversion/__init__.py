@@ -1,0 +1,1 @@
+"""Tests of modeling_polyglu.conversion: the Qwen3 retrofit and the PolychromaticLM import."""

@@ -1,0 +1,63 @@
+"""The remote-code files import only the standard library, torch, transformers and each other.
+
+`save_pretrained` copies REMOTE_CODE_FILES next to every checkpoint and transformers follows only their relative
+imports of flat siblings (`from .x import ...`). An import of anything else — a tool module of this package, or a
+library a user without `polyglu` may lack — would break loading with trust_remote_code, so the imports are read
+from the source (every `import`, also inside functions) rather than trusted.
+"""
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+from modeling_polyglu import modeling_polyglu as model_module
+from modeling_polyglu.modeling_polyglu import REMOTE_CODE_FILES
+
+ALLOWED_LIBRARIES = {"torch", "transformers"}
+PACKAGE_ROOT = Path(model_module.__file__).resolve().parent
+SIBLING_MODULES = {Path(name).stem for name in REMOTE_CODE_FILES}
+
+
+def _forbidden_imports(source: str) -> list[str]:
+    """Every import in `source` that is not stdlib, torch, transformers or `from .<sibling> import`."""
+    forbidden = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module]
+        elif isinstance(node, ast.ImportFrom):
+            # transformers copies `from .x import` of a flat sibling; `from . import x` and `from ..x` are not followed
+            if node.level != 1 or node.module not in SIBLING_MODULES:
+                forbidden.append(f"line {node.lineno}: from {'.' * node.level}{node.module or ''} import ...")
+            continue
+        else:
+            continue
+        for name in names:
+            top = name.split(".")[0]
+            if top not in sys.stdlib_module_names and top not in ALLOWED_LIBRARIES:
+                forbidden.append(f"line {node.lineno}: {name}")
+    return forbidden
+
+
+@pytest.mark.parametrize("name", REMOTE_CODE_FILES)
+def test_remote_code_file_imports_only_stdlib_torch_transformers_and_siblings(name):
+    path = PACKAGE_ROOT / name
+    assert Path(name).name == name and path.is_file(), f"{name} must be a flat file next to modeling_polyglu.py"
+    assert _forbidden_imports(path.read_text()) == [], f"{name} imports something a Hub repo does not carry"
+
+
+def test_the_check_catches_tool_imports():
+    source = (
+        "import os\nimport torch\nfrom transformers import PreTrainedConfig\nfrom .activation_mixing import ACTIVATIONS\n"
+        "from .conversion.qwen3 import convert_qwen3\nfrom . import presets\nimport safetensors\n"
+        "def later():\n    from modeling_polyglu.training import sft\n"
+    )
+    assert _forbidden_imports(source) == [
+        "line 5: from .conversion.qwen3 import ...",
+        "line 6: from . import ...",
+        "line 7: safetensors",
+        "line 9: modeling_polyglu.training",
+    ]

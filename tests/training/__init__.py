@@ -1,0 +1,1 @@
+"""Tests of modeling_polyglu.training: `polyglu sft` with its callbacks and `polyglu inspect`, distributed SFT, PEFT."""
