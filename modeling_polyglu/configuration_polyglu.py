@@ -1,11 +1,46 @@
 """PolyGLUConfig: a Qwen3 configuration plus the choice and settings of the feed-forward mixer.
 
-This file is part of the remote code saved next to a checkpoint: it imports only transformers.
+This file is part of the remote code saved next to a checkpoint: it imports only the standard library and
+transformers. It is the first file a checkpoint's remote code loads, so it also says, once per process, when the
+transformers in use lies outside the range this code is tested with.
 """
 
+import re
+import warnings
 from typing import Optional
 
+import transformers
 from transformers import PreTrainedConfig
+
+# The oldest and newest transformers releases CI runs the model tests with (setup.cfg admits >= 5.17, < 6).
+TESTED_TRANSFORMERS = ("5.17", "5.24")
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = (int(part) for part in re.findall(r"\d+", version)[:2])
+    return major, minor
+
+
+def warn_if_untested_transformers(version: str = transformers.__version__) -> bool:
+    """Warn (once per process) when `version` is outside TESTED_TRANSFORMERS; returns whether it is."""
+    oldest, newest = TESTED_TRANSFORMERS
+    if _major_minor(oldest) <= _major_minor(version) <= _major_minor(newest):
+        return False
+    # one flag for the process: each checkpoint's remote code is a separate module, imported separately
+    if not getattr(transformers, "_polyglu_untested_version_warned", False):
+        transformers._polyglu_untested_version_warned = True
+        newest_major, newest_minor = _major_minor(newest)
+        warnings.warn(
+            f"polyglu's model code is tested with transformers {oldest} to {newest}.x, and this is {version}. "
+            f"If loading, training or generation misbehaves, install a tested release: "
+            f"pip install 'transformers>={oldest},<{newest_major}.{newest_minor + 1}'.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return True
+
+
+warn_if_untested_transformers()
 
 FIXED_FFN_ACTIVATIONS = {
     # gated ("GLU variants", Shazeer 2020): down(φ(gate x) ⊙ up x)
@@ -44,6 +79,9 @@ class PolyGLUConfig(PreTrainedConfig):
     Every Qwen3Config argument keeps its meaning (vocab_size, hidden_size, intermediate_size, num_hidden_layers,
     num_attention_heads, num_key_value_heads, head_dim, rms_norm_eps, rope_parameters, max_position_embeddings,
     tie_word_embeddings, attention_bias, attention_dropout, initializer_range, pad/bos/eos token ids, use_cache).
+    Their defaults are not Qwen3Config's but Qwen3-0.6B's: hidden 1024, d_ff 3072, 28 layers, 16/8 heads of 128,
+    RoPE θ 1e6, tied embeddings (Qwen3Config's: hidden 4096, d_ff 22016, 32 layers, θ 1e4, untied). So the same
+    keywords build different backbones in the two classes; to mirror a Qwen3Config, pass its `to_dict()` values.
 
     Feed-forward choice:
         ffn_type (`str`, defaults to `"polyglu"`): one of swiglu, geglu, reglu, glu, bilinear (gated, one fixed
@@ -87,7 +125,7 @@ class PolyGLUConfig(PreTrainedConfig):
     """
 
     model_type = "polyglu"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the output field's name before and since 5.24
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",

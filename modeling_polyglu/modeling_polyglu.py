@@ -13,6 +13,7 @@ This file is part of the remote code saved next to a checkpoint: it imports only
 sibling files, and uses only public transformers surfaces.
 """
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -39,6 +40,44 @@ from .activation_mixing import mix_activations, mix_activations_grouped, mix_act
 from .configuration_polyglu import DUALGLU_ACTIVATIONS, FIXED_FFN_ACTIVATIONS, PolyGLUConfig
 
 logger = logging.get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# transformers compatibility: what differs across the supported range is read here, once
+# ----------------------------------------------------------------------------------------------------------------
+
+# 5.24 renamed the KV cache from `past_key_values` to `cache`: the forward argument generate() passes, the output
+# field, and the keyword of the mask helpers. The model accepts both names and writes the one this version reads.
+CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
+_MASK_PARAMETERS = frozenset(inspect.signature(create_causal_mask).parameters)  # read once, not per decoded token
+
+
+def resolve_cache_argument(cache: Optional[Cache], past_key_values: Optional[Cache]) -> Optional[Cache]:
+    """The KV cache a caller passed, under either name."""
+    if past_key_values is None:
+        return cache
+    if cache is not None and cache is not past_key_values:
+        raise ValueError("Pass the KV cache once: as `cache` or as its older name `past_key_values`, not both.")
+    return past_key_values
+
+
+def cache_of(outputs) -> Optional[Cache]:
+    """The cache held by a model output, whichever name this transformers gives the field."""
+    return getattr(outputs, CACHE_NAME)
+
+
+def mask_creation_kwargs(config, inputs_embeds, attention_mask, cache, position_ids) -> dict:
+    """Keyword arguments for `create_causal_mask`, whose parameter names changed within transformers 5.x."""
+    parameters = _MASK_PARAMETERS
+    kwargs = {"config": config, "attention_mask": attention_mask}
+    kwargs["cache" if "cache" in parameters else "past_key_values"] = cache
+    kwargs["inputs_embeds" if "inputs_embeds" in parameters else "input_embeds"] = inputs_embeds
+    if "position_ids" in parameters:
+        kwargs["position_ids"] = position_ids
+    if "cache_position" in parameters:
+        past = cache.get_seq_length() if cache is not None else 0
+        kwargs["cache_position"] = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)
+    return kwargs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,7 +190,7 @@ class PolyGLUAttention(nn.Module):
         self.q_norm = PolyGLURMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = PolyGLURMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query_states = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
@@ -159,8 +198,8 @@ class PolyGLUAttention(nn.Module):
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         implementation = self.config._attn_implementation or "eager"
         attention_interface: Callable = (
@@ -300,6 +339,10 @@ def _like(values: list[float], parameter: torch.Tensor) -> torch.Tensor:
 # Routers: each owns the routing parameters of one layer and returns factorised logits (see activation_mixing.py)
 # ----------------------------------------------------------------------------------------------------------------
 
+# Created in fp32 whatever the default dtype (`from_config(dtype=...)`, from_pretrained's construction), matching
+# `_keep_in_fp32_modules_strict`, which only governs how loaded weights are cast.
+ROUTER_DTYPE = torch.float32
+
 
 class PolyGLURouter(nn.Module):
     """ℓ[t, j, k] = α[j, k] + β[k] · f(pooled x_t)[k], f = Linear(d→w) → ReLU → Linear(w→K)."""
@@ -308,10 +351,10 @@ class PolyGLURouter(nn.Module):
         super().__init__()
         self.config = config
         self.num_activations = len(activations)
-        self.alpha = nn.Parameter(torch.zeros(config.intermediate_size, self.num_activations))
-        self.beta = nn.Parameter(torch.ones(self.num_activations))
-        self.proj_in = nn.Linear(config.hidden_size, config.router_hidden_size)
-        self.proj_out = nn.Linear(config.router_hidden_size, self.num_activations)
+        self.alpha = nn.Parameter(torch.zeros(config.intermediate_size, self.num_activations, dtype=ROUTER_DTYPE))
+        self.beta = nn.Parameter(torch.ones(self.num_activations, dtype=ROUTER_DTYPE))
+        self.proj_in = nn.Linear(config.hidden_size, config.router_hidden_size, dtype=ROUTER_DTYPE)
+        self.proj_out = nn.Linear(config.router_hidden_size, self.num_activations, dtype=ROUTER_DTYPE)
         self.preference = preference_logits(activations, config.router_init_activation, config.router_init_strength)
 
     def initialize_parameters(self, initializer_range: float):
@@ -354,8 +397,8 @@ class TokenRouter(nn.Module):
 
     def __init__(self, config: PolyGLUConfig, activations):
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(len(activations), config.hidden_size))
-        self.bias = nn.Parameter(torch.zeros(len(activations)))
+        self.weight = nn.Parameter(torch.zeros(len(activations), config.hidden_size, dtype=ROUTER_DTYPE))
+        self.bias = nn.Parameter(torch.zeros(len(activations), dtype=ROUTER_DTYPE))
         self.preference = preference_logits(activations, config.router_init_activation, config.router_init_strength)
 
     def initialize_parameters(self, initializer_range: float):
@@ -375,7 +418,7 @@ class LayerMixingWeights(nn.Module):
 
     def __init__(self, initial: list[float]):
         super().__init__()
-        self.weights = nn.Parameter(torch.zeros(len(initial)))
+        self.weights = nn.Parameter(torch.zeros(len(initial), dtype=ROUTER_DTYPE))
         self.initial = initial
 
     @classmethod
@@ -401,9 +444,9 @@ class DynamicGEGLUGate(nn.Module):
     def __init__(self, config: PolyGLUConfig, activations):
         super().__init__()
         self.config = config
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.scale = nn.Parameter(torch.full((1,), float(config.dynamic_geglu_scale_init)))
-        self.bias = nn.Parameter(torch.full((1,), float(config.dynamic_geglu_bias_init)))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=ROUTER_DTYPE)
+        self.scale = nn.Parameter(torch.full((1,), float(config.dynamic_geglu_scale_init), dtype=ROUTER_DTYPE))
+        self.bias = nn.Parameter(torch.full((1,), float(config.dynamic_geglu_bias_init), dtype=ROUTER_DTYPE))
 
     def initialize_parameters(self, initializer_range: float):
         init.ones_(self.norm.weight)
@@ -485,14 +528,14 @@ class PolyGLUMLP(nn.Module):
     def is_softmax_routed(self) -> bool:
         return self.normalization == "softmax"
 
-    def forward(self, hidden_states, routing_context=None, past_key_values=None, output_routing_weights=False):
+    def forward(self, hidden_states, routing_context=None, cache=None, output_routing_weights=False):
         if self.gated:
             pre_activation, up = self.gate_proj(hidden_states), self.up_proj(hidden_states)
         else:
             pre_activation, up = self.up_proj(hidden_states), None
         static_logits = token_logits = None
         if hasattr(self, "router"):
-            static_logits, token_logits = self.router(hidden_states, routing_context, past_key_values, self.layer_idx)
+            static_logits, token_logits = self.router(hidden_states, routing_context, cache, self.layer_idx)
         tau = self.config.routing_tau if self.is_softmax_routed else 1.0
         hard = self.config.routing_hard and self.is_softmax_routed
         normalization = self.normalization or "linear"
@@ -620,19 +663,22 @@ class PolyGLUDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask=None,
         position_ids=None,
-        past_key_values: Optional[Cache] = None,
+        cache: Optional[Cache] = None,
         use_cache: bool = False,
         position_embeddings=None,
         routing_context: Optional[RoutingContext] = None,
         output_routing_weights: bool = False,
+        past_key_values: Optional[Cache] = None,
         **kwargs,
     ):
+        # transformers' checkpointing wrapper clears the cache under the name its version uses
+        cache = resolve_cache_argument(cache, past_key_values)
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, attn_weights = self.self_attn(
             hidden_states=hidden_states,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             position_embeddings=position_embeddings,
             **kwargs,
         )
@@ -640,7 +686,7 @@ class PolyGLUDecoderLayer(GradientCheckpointingLayer):
 
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
-        mlp_output = self.mlp(hidden_states, routing_context, past_key_values, output_routing_weights)
+        mlp_output = self.mlp(hidden_states, routing_context, cache, output_routing_weights)
         routing_weights = None
         if output_routing_weights:
             mlp_output, routing_weights = mlp_output
@@ -679,14 +725,15 @@ class PolyGLUPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["PolyGLUDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False  # pooling and cache adoption branch on data
-    # routing parameters (α, β, router MLPs, logit biases) stay fp32 when the model is loaded in bf16/fp16
-    _keep_in_fp32_modules_strict = ["router"]
+    # Routing parameters (α, β, router MLPs, logit biases) stay fp32 when the model is loaded in bf16/fp16. Each
+    # instance sets `_keep_in_fp32_modules_strict` from the routers it has (see `routing_parameters_kept_in_fp32`):
+    # transformers requires every listed module to exist, and a swiglu-only model has no router.
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -708,21 +755,9 @@ class PolyGLUPreTrainedModel(PreTrainedModel):
         self.config.routing_tau = tau
 
 
-# read once: the forward runs for every decoded token
-_MASK_PARAMETERS = frozenset(inspect.signature(create_causal_mask).parameters)
-
-
-def _mask_creation_kwargs(config, inputs_embeds, attention_mask, past_key_values, position_ids):
-    """Keyword arguments for `create_causal_mask`, whose parameter names changed within transformers 5.x."""
-    parameters = _MASK_PARAMETERS
-    kwargs = {"config": config, "attention_mask": attention_mask, "past_key_values": past_key_values}
-    kwargs["inputs_embeds" if "inputs_embeds" in parameters else "input_embeds"] = inputs_embeds
-    if "position_ids" in parameters:
-        kwargs["position_ids"] = position_ids
-    if "cache_position" in parameters:
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        kwargs["cache_position"] = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)
-    return kwargs
+def routing_parameters_kept_in_fp32(model: nn.Module) -> list[str]:
+    """`["router"]` when some layer has routing parameters (all created fp32), else `[]`."""
+    return ["router"] if any(".router." in name for name, _ in model.named_parameters()) else []
 
 
 class PolyGLUModel(PolyGLUPreTrainedModel):
@@ -737,6 +772,7 @@ class PolyGLUModel(PolyGLUPreTrainedModel):
         self.norm = PolyGLURMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = PolyGLURotaryEmbedding(config=config)
         self.gradient_checkpointing = False
+        self._keep_in_fp32_modules_strict = routing_parameters_kept_in_fp32(self)  # the heads inherit it in post_init
         self.post_init()
 
     def get_input_embeddings(self):
@@ -750,14 +786,17 @@ class PolyGLUModel(PolyGLUPreTrainedModel):
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[Cache] = None,
+        cache: Optional[Cache] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         use_cache: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         output_routing_weights: bool = False,
+        return_dict: Optional[bool] = None,
+        past_key_values: Optional[Cache] = None,
         **kwargs,
-    ) -> PolyGLUModelOutputWithPast:
+    ) -> Union[tuple, PolyGLUModelOutputWithPast]:
+        cache = resolve_cache_argument(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
@@ -769,21 +808,21 @@ class PolyGLUModel(PolyGLUPreTrainedModel):
             use_cache = self.config.use_cache and not self.training
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        kwargs.pop("return_dict", None)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if self.config.uses_noncausal_routing and past_key_values is not None and past_key_values.get_seq_length() > 0:
+        if self.config.uses_noncausal_routing and cache is not None and cache.get_seq_length() > 0:
             raise ValueError(
                 "This model routes with routing_pooling='sequence' (whole-sequence mean, not causal): a token's "
                 "routing depends on later tokens, so a KV cache cannot be continued. Generate with use_cache=False "
                 "(the default for such models), or switch to routing_pooling='causal', which changes the function."
             )
-        if use_cache and past_key_values is None:
-            past_key_values = PolyGLUCache(config=self.config)
-        past_key_values = ensure_routing_cache(past_key_values, self.config)
+        if use_cache and cache is None:
+            cache = PolyGLUCache(config=self.config)
+        cache = ensure_routing_cache(cache, self.config)
 
-        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_seen = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)
@@ -794,7 +833,7 @@ class PolyGLUModel(PolyGLUPreTrainedModel):
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -inputs_embeds.shape[1] :]
         document_starts = None
-        if attention_mask is None and past_key_values is None:
+        if attention_mask is None and cache is None:
             document_starts = document_starts_from_position_ids(position_ids.expand(inputs_embeds.shape[0], -1))
         routing_context = RoutingContext(token_mask=token_mask, document_starts=document_starts)
 
@@ -802,7 +841,7 @@ class PolyGLUModel(PolyGLUPreTrainedModel):
             causal_mask = attention_mask["full_attention"]
         else:
             causal_mask = create_causal_mask(
-                **_mask_creation_kwargs(self.config, inputs_embeds, attention_mask, past_key_values, position_ids)
+                **mask_creation_kwargs(self.config, inputs_embeds, attention_mask, cache, position_ids)
             )
 
         hidden_states = inputs_embeds
@@ -817,11 +856,11 @@ class PolyGLUModel(PolyGLUPreTrainedModel):
                 hidden_states,
                 attention_mask=causal_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 routing_context=routing_context,
                 output_routing_weights=output_routing_weights,
+                **{CACHE_NAME: cache},
                 **kwargs,
             )
             if output_attentions:
@@ -831,13 +870,14 @@ class PolyGLUModel(PolyGLUPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
-        return PolyGLUModelOutputWithPast(
+        outputs = PolyGLUModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden_states,
             attentions=all_attentions,
             routing_weights=all_routing_weights,
+            **{CACHE_NAME: cache if use_cache else None},
         )
+        return outputs if return_dict else outputs.to_tuple()
 
 
 class PolyGLUForCausalLM(PolyGLUPreTrainedModel, GenerationMixin):
@@ -859,7 +899,7 @@ class PolyGLUForCausalLM(PolyGLUPreTrainedModel, GenerationMixin):
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[Cache] = None,
+        cache: Optional[Cache] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
@@ -868,18 +908,20 @@ class PolyGLUForCausalLM(PolyGLUPreTrainedModel, GenerationMixin):
         output_routing_weights: bool = False,
         return_dict: Optional[bool] = None,
         logits_to_keep: Union[int, torch.Tensor] = 0,
+        past_key_values: Optional[Cache] = None,
         **kwargs,
     ) -> Union[tuple, PolyGLUCausalLMOutputWithPast]:
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=resolve_cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             output_routing_weights=output_routing_weights,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -891,10 +933,10 @@ class PolyGLUForCausalLM(PolyGLUPreTrainedModel, GenerationMixin):
         result = PolyGLUCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             routing_weights=outputs.routing_weights,
+            **{CACHE_NAME: cache_of(outputs)},
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return result if return_dict else result.to_tuple()
@@ -915,20 +957,22 @@ class PolyGLUForSequenceClassification(PolyGLUPreTrainedModel):
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[Cache] = None,
+        cache: Optional[Cache] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        past_key_values: Optional[Cache] = None,
         **kwargs,
     ) -> Union[tuple, SequenceClassifierOutputWithPast]:
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=resolve_cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         logits = self.score(outputs.last_hidden_state)
@@ -950,9 +994,9 @@ class PolyGLUForSequenceClassification(PolyGLUPreTrainedModel):
         result = SequenceClassifierOutputWithPast(
             loss=loss,
             logits=pooled_logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{CACHE_NAME: cache_of(outputs)},
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return result if return_dict else result.to_tuple()

@@ -6,6 +6,7 @@ import torch
 from transformers import DynamicCache
 
 from modeling_polyglu import PolyGLUCache
+from modeling_polyglu.modeling_polyglu import CACHE_NAME, cache_of
 
 from .utils import tiny_config, tiny_model, variant_id
 
@@ -79,7 +80,7 @@ def step_by_step_logit_difference(model, continuation_length: int = 5) -> float:
                 full_ids[:, t : t + 1],
                 attention_mask=full_mask[:, : t + 1],
                 position_ids=positions[:, t : t + 1],
-                past_key_values=output.past_key_values,
+                cache=cache_of(output),
                 use_cache=True,
             )
             pieces.append(output.logits)
@@ -150,7 +151,7 @@ def test_explicit_dynamic_cache_is_adopted():
     model = generation_model("polyglu")
     input_ids, attention_mask = left_padded_prompts(seed=5)
     cache = DynamicCache(config=model.config)
-    with_cache = generate(model, input_ids, attention_mask, past_key_values=cache)
+    with_cache = generate(model, input_ids, attention_mask, **{CACHE_NAME: cache})  # generate()'s name in this version
     assert isinstance(cache, PolyGLUCache)
     assert cache.get_seq_length() == PROMPT_LENGTH + NEW_TOKENS - 1
     assert set(cache.routing_sums) == {0, 1}
@@ -162,13 +163,13 @@ def test_non_empty_foreign_dynamic_cache_is_rejected():
     foreign = DynamicCache(config=tiny_config(ffn_type="swiglu"))
     other_model = tiny_model(ffn_type="swiglu", seed=1)
     with torch.no_grad():
-        other_model(input_ids, attention_mask=attention_mask, past_key_values=foreign, use_cache=True)
+        other_model(input_ids, attention_mask=attention_mask, cache=foreign, use_cache=True)
     assert type(foreign) is DynamicCache and foreign.get_seq_length() == PROMPT_LENGTH
     model = generation_model("polyglu")
     next_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
     with pytest.raises(ValueError, match="PolyGLUCache"):
         with torch.no_grad():
-            model(input_ids[:, -1:], attention_mask=next_mask, past_key_values=foreign, use_cache=True)
+            model(input_ids[:, -1:], attention_mask=next_mask, cache=foreign, use_cache=True)
 
 
 def labelled_cache(batch: int = 3) -> PolyGLUCache:

@@ -15,7 +15,11 @@ Covered ModelTesterMixin checks (our test names in brackets):
 - resize_token_embeddings, tied and untied heads [test_resize_token_embeddings_*]
 - tied weights [test_lm_head_is_tied_to_input_embeddings]
 - batching equivalence, with right and left padding [test_batch_matches_rows_run_alone]
-- return_dict=False tuples [test_return_dict_false_returns_tuple]
+- return_dict=False tuples, equal in structure to `to_tuple()` of the dict output, for the base model and both
+  heads [test_return_dict_false_returns_tuple, test_tuple_output_equals_to_tuple_of_dict_output]
+- router parameters created fp32 under a half default dtype, `_keep_in_fp32_modules_strict` naming only modules
+  the model has [test_router_parameters_are_created_in_fp32_whatever_the_default_dtype,
+  test_keep_in_fp32_modules_strict_names_only_existing_modules]
 - inputs_embeds instead of input_ids, and get/set_input_embeddings [test_inputs_embeds_match_input_ids]
 - determinism of eval forward [test_eval_forward_is_deterministic]
 - config save/load (ConfigTester's JSON round trip) [test_config_round_trips_through_json]
@@ -34,6 +38,8 @@ Deliberately skipped:
 - problem_type regression/multi-label of the classification head: the loss is transformers' shared
   `loss_function`, not model code; single-label classification is covered.
 """
+
+import re
 
 import pytest
 import torch
@@ -350,6 +356,68 @@ def test_return_dict_false_returns_tuple(variant):
     torch.testing.assert_close(as_tuple[0], expected.logits, atol=0, rtol=0)
     assert with_labels[0].dim() == 0
     torch.testing.assert_close(with_labels[1], expected.logits, atol=0, rtol=0)
+
+
+def assert_same_structure_and_values(from_tuple, from_dict, path="output"):
+    """The `return_dict=False` output must be `to_tuple()` of the dict output, nested containers included."""
+    assert type(from_tuple) is type(from_dict) or not isinstance(from_tuple, (tuple, list, dict)), (
+        f"{path}: {type(from_tuple).__name__} where {type(from_dict).__name__} is expected"
+    )
+    if isinstance(from_tuple, (tuple, list)):
+        assert len(from_tuple) == len(from_dict), path
+        for index, (a, b) in enumerate(zip(from_tuple, from_dict)):
+            assert_same_structure_and_values(a, b, f"{path}[{index}]")
+    elif isinstance(from_tuple, torch.Tensor):
+        torch.testing.assert_close(from_tuple, from_dict, atol=0, rtol=0, msg=lambda m: f"{path}: {m}")
+    else:
+        assert type(from_tuple) is type(from_dict), path
+
+
+@pytest.mark.parametrize("model_class", [PolyGLUModel, PolyGLUForCausalLM, PolyGLUForSequenceClassification])
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"labels": True}, {"output_hidden_states": True, "output_attentions": True}, {"use_cache": True}],
+    ids=["plain", "labels", "hidden-states-attentions", "cache"],
+)
+def test_tuple_output_equals_to_tuple_of_dict_output(variant, model_class, extra):
+    config = tiny_config(**variant_kwargs(variant), attn_implementation="eager")
+    torch.manual_seed(0)
+    model = randomize_routers(model_class(config)).eval()
+    input_ids = random_ids(2, 6)
+    kwargs = dict(extra)
+    if kwargs.pop("labels", False):
+        if model_class is PolyGLUModel:
+            pytest.skip("the base model takes no labels")
+        kwargs["labels"] = input_ids if model_class is PolyGLUForCausalLM else torch.tensor([0, 1])
+    if model_class is PolyGLUForCausalLM:
+        kwargs["output_routing_weights"] = True
+    with torch.no_grad():
+        from_tuple = model(input_ids, return_dict=False, **kwargs)
+        from_dict = model(input_ids, return_dict=True, **kwargs).to_tuple()
+    assert isinstance(from_tuple, tuple)
+    assert_same_structure_and_values(from_tuple, from_dict)
+
+
+def test_router_parameters_are_created_in_fp32_whatever_the_default_dtype(variant):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)  # what from_config(dtype=...) and from_pretrained construct under
+    try:
+        model = PolyGLUForCausalLM(tiny_config(**variant_kwargs(variant)))
+    finally:
+        torch.set_default_dtype(previous)
+    for name, tensor in model.state_dict().items():
+        expected = torch.float32 if ".router." in name else torch.float16
+        assert tensor.dtype == expected, f"{name} is {tensor.dtype}"
+
+
+@pytest.mark.parametrize("model_class", [PolyGLUModel, PolyGLUForCausalLM, PolyGLUForSequenceClassification])
+def test_keep_in_fp32_modules_strict_names_only_existing_modules(variant, model_class):
+    model = model_class(tiny_config(**variant_kwargs(variant)))
+    names = list(model.state_dict())
+    kept = set(model._keep_in_fp32_modules_strict)
+    assert kept == ({"router"} if router_parameters(model) else set())
+    for module in kept:
+        assert any(re.search(rf"(?:^|\.){module}(?:\.|$)", name) for name in names), module
 
 
 def test_inputs_embeds_match_input_ids(variant):

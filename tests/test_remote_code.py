@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from modeling_polyglu.remote_code import load_in_fresh_process
+from modeling_polyglu.conversion.remote_code import load_in_fresh_process
 
 from .utils import tiny_model
 

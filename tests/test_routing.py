@@ -490,11 +490,11 @@ def test_sequence_pooling_refuses_a_non_empty_cache():
     input_ids = random_ids(1, 6, seed=17)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids, past_key_values=cache, use_cache=True)
+        model(input_ids, cache=cache, use_cache=True)
     assert cache.get_seq_length() == 6
     with pytest.raises(ValueError, match="sequence"):
         with torch.no_grad():
-            model(input_ids[:, -1:], past_key_values=cache, use_cache=True)
+            model(input_ids[:, -1:], cache=cache, use_cache=True)
 
 
 def test_sequence_pooling_generates_by_recomputing():
