@@ -41,7 +41,8 @@ from peft.utils import ModulesToSaveWrapper  # noqa: E402
 ROUTED_FFN_TYPES = ["polyglu", "moa", "dualglu", "la", "dynamic_geglu"]
 FFN_TYPES_UNDER_TEST = ROUTED_FFN_TYPES + ["swiglu", "mlp_relu"]  # swiglu: no router; mlp_relu: no router, no gate_proj
 FRESH_PROCESS_FFN_TYPES = ("polyglu",)  # a fresh interpreter costs ~6 s: once is enough
-# spelled out here rather than imported from peft_utils, so that a projection dropped there fails these tests
+# spelled out here rather than imported from modeling_polyglu.training.peft, so that a projection dropped there
+# fails these tests
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 REMOTE_FILES = {
