@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from ..modeling_polyglu import CACHE_NAME, cache_of
 from .harness import markdown_table, model_label, progress, ratio, run_interleaved, summarize_metric, synchronize
 from .models import STEP_MODEL, STEP_MODEL_QUICK, causal_lm, model_device, model_ffn_types, random_tokens
 
@@ -36,12 +37,12 @@ def run(args) -> dict:
             synchronize(device)
             start = time.perf_counter()
             output = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-            cache = output.past_key_values
+            cache = cache_of(output)
             next_token = output.logits[:, -1].argmax(-1, keepdim=True)
             synchronize(device)
             prefilled = time.perf_counter()
             for _ in range(new_tokens):
-                output = model(input_ids=next_token, past_key_values=cache, use_cache=True)
+                output = model(input_ids=next_token, use_cache=True, **{CACHE_NAME: cache})
                 next_token = output.logits[:, -1].argmax(-1, keepdim=True)
             synchronize(device)
             end = time.perf_counter()
