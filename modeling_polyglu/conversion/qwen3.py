@@ -3,11 +3,11 @@
 Qwen3 tensors keep their names (the backbone and `gate_proj`/`up_proj`/`down_proj` are shared), so conversion copies
 them and adds each converted layer's `mlp.router.*` tensors, initialised to prefer SiLU for every input: the
 converted model starts from (almost) the source function while the routing can still learn. The model is never
-instantiated during conversion; peak memory is about one source shard. Verification (optional) loads both models
-and measures the deviation and the gradient that reaches the routers.
+instantiated during conversion; peak memory is about one source shard. Verification (optional) runs transformers'
+Qwen3 and the converted model one decoder layer at a time (layer_streaming.py) and measures the deviation and the
+gradient that reaches the routers; its peak is the fp32 embeddings and head plus one layer.
 """
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -314,34 +314,21 @@ def probe_input_ids(model_dir: Path, probe_file: Optional[str], vocab_size: int)
     return torch.randint(0, vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
 
 
-def deviation_and_router_gradient(source_model, converted_model, input_ids):
-    """(max |Δlogit|, mean KL(source ‖ converted), router gradient norm) on `input_ids`, fp32, eval mode."""
-    with torch.no_grad():
-        source_logits = source_model(input_ids, use_cache=False).logits.float()
-    converted_model.eval()
-    output = converted_model(input_ids, labels=input_ids, use_cache=False)
-    logits = output.logits.float()
-    max_diff = (logits - source_logits).abs().max().item()
-    source_logp, converted_logp = source_logits.double().log_softmax(-1), logits.double().log_softmax(-1)
-    kl = (source_logp.exp() * (source_logp - converted_logp)).sum(-1).mean().item()
-    output.loss.backward()
-    squares = [p.grad.float().pow(2).sum() for n, p in converted_model.named_parameters() if ".router." in n and p.grad is not None]
-    router_grad = math.sqrt(sum(s.item() for s in squares)) if squares else 0.0
-    converted_model.zero_grad(set_to_none=True)
-    return max_diff, kl, router_grad
-
-
 def _verify(source: Path, converted: Path, report: ConversionReport, probe_file, log) -> None:
-    from transformers import AutoModelForCausalLM
+    """Deviation and router gradient against transformers' own Qwen3, one decoder layer in memory at a time."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from ..modeling_polyglu import PolyGLUForCausalLM
+    from .layer_streaming import LayerStreamedCausalLM, logit_deviation
 
-    source_model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
-    converted_model = PolyGLUForCausalLM.from_pretrained(str(converted), dtype=torch.float32)
-    input_ids = probe_input_ids(source, probe_file, source_model.config.vocab_size)
-    report.max_abs_logit_diff, report.mean_kl, report.router_grad_norm = deviation_and_router_gradient(
-        source_model, converted_model, input_ids
-    )
+    source_config = Qwen3Config.from_pretrained(str(source))
+    input_ids = probe_input_ids(source, probe_file, source_config.vocab_size)
+    source_model = LayerStreamedCausalLM(Qwen3ForCausalLM, source_config, source)
+    source_logits = source_model.logits(input_ids)
+    del source_model  # the two models are never in memory together
+    converted_model = LayerStreamedCausalLM(PolyGLUForCausalLM, PolyGLUConfig.from_pretrained(str(converted)), converted)
+    report.max_abs_logit_diff, report.mean_kl = logit_deviation(source_logits, converted_model.logits(input_ids))
+    report.router_grad_norm = converted_model.router_gradient_norm(input_ids)
     report.probe_tokens = input_ids.shape[1]
     log(
         f"Verification on {report.probe_tokens} probe tokens: max |Δlogit| = {report.max_abs_logit_diff:.3e}, "
