@@ -344,6 +344,15 @@ def _like(values: list[float], parameter: torch.Tensor) -> torch.Tensor:
 ROUTER_DTYPE = torch.float32
 
 
+def in_dtype_of(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """`inputs` cast to the dtype of `module`'s weight (fp32 for routers, see ROUTER_DTYPE).
+
+    Routers call their submodules rather than reading `module.weight` into functional calls: serving engines
+    (vLLM's Transformers backend) and tensor-parallel plans replace those submodules with their own layers.
+    """
+    return inputs.to(module.weight.dtype)
+
+
 class PolyGLURouter(nn.Module):
     """ℓ[t, j, k] = α[j, k] + β[k] · f(pooled x_t)[k], f = Linear(d→w) → ReLU → Linear(w→K)."""
 
@@ -381,8 +390,8 @@ class PolyGLURouter(nn.Module):
             pooled = document_mean(router_input, context.token_mask, context.document_starts)
         else:
             pooled = router_input
-        hidden = F.relu(F.linear(pooled, self.proj_in.weight.float(), self.proj_in.bias.float()))
-        dynamic = F.linear(hidden, self.proj_out.weight.float(), self.proj_out.bias.float())
+        hidden = F.relu(self.proj_in(in_dtype_of(self.proj_in, pooled)))
+        dynamic = self.proj_out(in_dtype_of(self.proj_out, hidden))
         token_logits = (self.beta.float() * dynamic).unsqueeze(2)  # [B, T, 1, K]
         static_logits = self.alpha.float()[None, None]  # [1, 1, F, K]
         if self.training and self.config.routing_noise == "gumbel":
@@ -455,13 +464,7 @@ class DynamicGEGLUGate(nn.Module):
         init.constant_(self.bias, float(self.config.dynamic_geglu_bias_init))
 
     def forward(self, hidden_states, routing_context=None, cache=None, layer_idx=None):
-        normed = F.layer_norm(
-            hidden_states.float(),
-            self.norm.normalized_shape,
-            self.norm.weight.float(),
-            self.norm.bias.float(),
-            self.norm.eps,
-        )
+        normed = self.norm(in_dtype_of(self.norm, hidden_states))
         gate = torch.sigmoid(self.scale.float() * normed.norm(dim=-1, keepdim=True) + self.bias.float())
         return None, gate.unsqueeze(2)  # [B, T, 1, 1]
 
