@@ -5,6 +5,7 @@ transformers. It is the first file a checkpoint's remote code loads, so it also 
 transformers in use lies outside the range this code is tested with.
 """
 
+import math
 import re
 import warnings
 from typing import Optional
@@ -71,6 +72,34 @@ MIXING_BACKENDS = ("fused", "naive")
 def _choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, allowed))}.")
+
+
+# sizes that must be integers >= 1 (bool is an int in Python, and is rejected too)
+POSITIVE_INTEGER_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "router_hidden_size",
+)
+FINITE_FLOAT_FIELDS = ("router_init_strength", "dynamic_geglu_scale_init", "dynamic_geglu_bias_init", "initializer_range")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_integer(name, value):
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+
+
+def _finite_number(name, value, positive: bool = False):
+    if not (_is_number(value) and math.isfinite(value) and (value > 0 or not positive)):
+        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value!r}.")
+
+
+def _name_list(name, value):
+    """A list of names (a bare string would otherwise be split into characters)."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list of names, e.g. [{value!r}], not {type(value).__name__} {value!r}.")
 
 
 class PolyGLUConfig(PreTrainedConfig):
@@ -173,10 +202,15 @@ class PolyGLUConfig(PreTrainedConfig):
     mixing_backend: str = "fused"
 
     def __post_init__(self, **kwargs):
+        for name in ("hidden_size", "num_attention_heads", "num_hidden_layers"):  # used to derive defaults below
+            _positive_integer(name, getattr(self, name))
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        for name in ("activations", "ffn_types", "layer_types"):
+            if getattr(self, name) is not None:
+                _name_list(name, getattr(self, name))
         if self.rope_parameters is None and "rope_theta" not in kwargs and "rope_scaling" not in kwargs:
             self.rope_parameters = {"rope_type": "default", "rope_theta": 1000000.0}
         if self.layer_types is None:
@@ -193,6 +227,17 @@ class PolyGLUConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     def _validate_polyglu_fields(self):
+        for name in POSITIVE_INTEGER_FIELDS:
+            _positive_integer(name, getattr(self, name))
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even (rotary embeddings rotate pairs of channels), got {self.head_dim}.")
+        _finite_number("routing_tau", self.routing_tau, positive=True)
+        _finite_number("rms_norm_eps", self.rms_norm_eps, positive=True)
+        for name in FINITE_FLOAT_FIELDS:
+            _finite_number(name, getattr(self, name))
+        repeated = sorted({name for name in self.activations if self.activations.count(name) > 1})
+        if repeated:
+            raise ValueError(f"activations lists {', '.join(repeated)} more than once; name each activation once.")
         _choice("ffn_type", self.ffn_type, FFN_TYPES)
         if self.ffn_types is not None:
             if len(self.ffn_types) != self.num_hidden_layers:
@@ -213,10 +258,6 @@ class PolyGLUConfig(PreTrainedConfig):
         _choice("mixing_backend", self.mixing_backend, MIXING_BACKENDS)
         if self.router_init_activation is not None:
             _choice("router_init_activation", self.router_init_activation, ACTIVATION_NAMES)
-        if not self.routing_tau > 0:
-            raise ValueError(f"routing_tau must be > 0, got {self.routing_tau}.")
-        if self.router_hidden_size < 1:
-            raise ValueError(f"router_hidden_size must be >= 1, got {self.router_hidden_size}.")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
