@@ -24,9 +24,11 @@ floored at ``e^-60``, as in the exact path, and the kernels run with flush-to-ze
 arithmetic an order of magnitude slower.
 
 The library is compiled with the system C++ compiler into a per-user cache directory (``POLYGLU_KERNEL_CACHE``,
-default ``~/.cache/polyglu``), keyed by the source, the CPU capability and the torch version, written to a
-temporary name and renamed, so concurrent processes (DDP ranks) never load a half-written file. Where no compiler
-works, :func:`load_library` returns None, with one warning, and the caller uses its torch.compile path.
+default ``~/.cache/polyglu``), keyed by the source, the CPU capability and the torch version (not the compiler),
+written to a temporary name and renamed, so concurrent processes (DDP ranks) never load a half-written file. A
+manifest written after the library records its size and SHA-256; an entry that does not match (truncated, foreign)
+is rebuilt once rather than loaded. Where no compiler works, :func:`load_library` returns None, with one warning,
+and the caller uses its torch.compile path.
 
 This file is part of the remote code saved next to a checkpoint: it imports only torch and the standard library.
 """
@@ -34,7 +36,9 @@ This file is part of the remote code saved next to a checkpoint: it imports only
 import ctypes
 import functools
 import hashlib
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -569,14 +573,18 @@ _COMPILER_FLAGS = (
 )
 
 
-def _compiler() -> str:
-    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
+def _compiler() -> list:
+    """The compiler command: $CXX, which may carry arguments ("ccache g++"), else c++ or g++ from PATH."""
+    configured = os.environ.get("CXX", "").strip()
+    if configured:
+        return shlex.split(configured)
+    return [shutil.which("c++") or shutil.which("g++") or "c++"]
 
 
 def _compile_command(source_path: str, library_path: str) -> list:
     torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
     return [
-        _compiler(), *_COMPILER_FLAGS, *_CAPABILITY_FLAGS.get(_cpu_capability(), []),
+        *_compiler(), *_COMPILER_FLAGS, *_CAPABILITY_FLAGS.get(_cpu_capability(), []),
         "-I", os.path.join(os.path.dirname(torch.__file__), "include"),
         source_path, "-o", library_path,
         "-L", torch_lib, "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_lib}",
@@ -588,23 +596,69 @@ def _cache_dir() -> str:
     return os.path.join(root, "kernels")
 
 
-def _library_path() -> str:
-    key = "\0".join([_SOURCE, *_COMPILER_FLAGS, _compiler(), _cpu_capability(), torch.__version__, sys.platform])
+def _manifest_path() -> str:
+    """The cache entry of this source, flags, CPU and torch: a JSON naming the library file and its digest.
+
+    The compiler is not part of the key: a library built from the same source and flags serves whichever
+    compiler (or none) is on PATH later.
+    """
+    key = "\0".join([_SOURCE, *_COMPILER_FLAGS, _cpu_capability(), torch.__version__, sys.platform])
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-    return os.path.join(_cache_dir(), f"polyglu_mix_{digest}.so")
+    return os.path.join(_cache_dir(), f"polyglu_mix_{digest}.json")
 
 
-def _build(library_path: str) -> None:
-    os.makedirs(os.path.dirname(library_path), exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(library_path), prefix=".build-") as workdir:
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _install(staged_library: str, manifest_path: str) -> str:
+    """Move a built library into the cache under a name holding its digest, then record it in the manifest.
+
+    Library files are never rewritten in place (a name is its content) and the manifest is replaced atomically
+    after its library exists, so concurrent builders and readers only ever see complete, matching pairs.
+    """
+    digest = _file_sha256(staged_library)
+    size = os.path.getsize(staged_library)
+    library_path = manifest_path[: -len(".json")] + f"_{digest[:16]}.so"
+    os.replace(staged_library, library_path)
+    staged_manifest = f"{manifest_path}.{os.getpid()}.tmp"
+    with open(staged_manifest, "w") as handle:
+        json.dump({"library": os.path.basename(library_path), "sha256": digest, "size": size}, handle)
+    os.replace(staged_manifest, manifest_path)
+    return library_path
+
+
+def _verified_library(manifest_path: str) -> Optional[str]:
+    """The cached library if its manifest is readable and the file has the recorded size and digest, else None.
+
+    A truncated shared object is not merely unusable: the loader maps it and the process dies of SIGBUS.
+    """
+    try:
+        with open(manifest_path) as handle:
+            entry = json.load(handle)
+        library_path = os.path.join(os.path.dirname(manifest_path), os.path.basename(entry["library"]))
+        if os.path.getsize(library_path) == entry["size"] and _file_sha256(library_path) == entry["sha256"]:
+            return library_path
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _build(manifest_path: str) -> str:
+    os.makedirs(os.path.dirname(manifest_path), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(manifest_path), prefix=".build-") as workdir:
         source_path = os.path.join(workdir, "polyglu_mix.cpp")
-        staged = os.path.join(workdir, os.path.basename(library_path))
+        staged = os.path.join(workdir, "polyglu_mix.so")
         with open(source_path, "w") as handle:
             handle.write(_SOURCE)
         result = subprocess.run(_compile_command(source_path, staged), capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(result.stderr.strip()[-2000:] or f"compiler exited with {result.returncode}")
-        os.replace(staged, library_path)
+        return _install(staged, manifest_path)
 
 
 def kernel_enabled() -> bool:
@@ -615,15 +669,22 @@ def kernel_enabled() -> bool:
 
 
 def load_library() -> Optional[ctypes.CDLL]:
-    """The compiled kernel library (building it on first use), or None where it cannot be built or loaded."""
+    """The compiled kernel library (verified, or built on first use), or None where it cannot be built or loaded.
+
+    A missing, truncated or foreign cache entry is rebuilt once; only if that fails does the caller fall back.
+    """
     if not kernel_enabled():
         return None
     if "library" in _LIBRARY:
         return _LIBRARY["library"]
     try:
-        path = _library_path()
-        if not os.path.exists(path):
-            _build(path)
+        manifest = _manifest_path()
+        path = _verified_library(manifest)
+        if path is None:
+            _build(manifest)
+            path = _verified_library(manifest)
+            if path is None:
+                raise RuntimeError(f"the library built into {os.path.dirname(manifest)} does not match its manifest")
         library = ctypes.CDLL(path)
         for name in ("polyglu_rowwise_forward", "polyglu_rowwise_backward", "polyglu_neuron_token_forward",
                      "polyglu_neuron_token_backward"):

@@ -160,11 +160,12 @@ def test_compiler_output_lands_atomically_in_the_cache(monkeypatch, tmp_path):
         return type("Completed", (), {"returncode": 0, "stderr": ""})()
 
     monkeypatch.setattr(cpu_mixing_kernel.subprocess, "run", fake_run)
-    target = cpu_mixing_kernel._library_path()
-    cpu_mixing_kernel._build(target)
+    manifest = cpu_mixing_kernel._manifest_path()
+    target = cpu_mixing_kernel._build(manifest)
     assert seen and seen[0] != target and ".build-" in seen[0]
     assert open(target, "rb").read() == b"not a library"
-    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [target.rsplit("/", 1)[-1]]
+    assert sorted(p.name for p in (tmp_path / "kernels").iterdir()) == sorted([target.rsplit("/", 1)[-1], manifest.rsplit("/", 1)[-1]])
+    assert cpu_mixing_kernel._verified_library(manifest) == target
 
 
 @pytest.mark.parametrize("static_shape, token_shape", [
