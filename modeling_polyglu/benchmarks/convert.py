@@ -1,12 +1,17 @@
-"""The `convert` suite: peak memory of streaming `convert qwen3` against the shard size, on synthetic Qwen3 checkpoints.
+"""The `convert` suite: peak memory of `convert qwen3`, on synthetic Qwen3 checkpoints.
 
-For each shard size, a synthetic bf16 Qwen3 checkpoint (constant-valued tensors, written shard by shard so this
-process stays small) is converted in a fresh process with `verify=False`; the reported figure is that process's
-peak RSS minus the peak RSS of a process that only imports the converter. Not a timing: one run per shard size.
+* streaming rows: for each shard size, a synthetic bf16 Qwen3 checkpoint (written shard by shard so this process
+  stays small) is converted in a fresh process with `verify=False`; the figure is that process's peak RSS minus the
+  peak RSS of a process that only imports the converter, against the largest shard.
+* verified rows: a checkpoint of Qwen3-0.6B's exact shape (random bf16 weights, 3 shards) is converted with and
+  without verification (the default, layer by layer against transformers' Qwen3); the figures are the whole
+  process's peak RSS against the checkpoint size (the target is ≤ 2.5×) and its wall time.
+One run per row; the wall time is one sample on a shared machine.
 """
 
 import json
 import shutil
+import time
 import subprocess
 import sys
 import tempfile
@@ -32,6 +37,10 @@ CONVERT_MODEL = (2048, 8192, 32768)
 CONVERT_MODEL_QUICK = (64, 256, 512)
 CONVERT_TOTAL_GB, CONVERT_SHARD_MB = 3.0, (256, 1024)
 CONVERT_TOTAL_GB_QUICK, CONVERT_SHARD_MB_QUICK = 0.02, (2, 8)
+# the verified rows: hidden, intermediate, layers, vocab, heads, kv heads, head dim, shards
+QWEN3_0_6B_SHAPE = (1024, 3072, 28, 151936, 16, 8, 128, 3)
+QWEN3_0_6B_SHAPE_QUICK = (64, 192, 4, 4096, 4, 2, 16, 3)
+PEAK_TARGET = 2.5  # peak RSS of a verified conversion, in checkpoint sizes
 
 COLUMNS = [
     ("checkpoint GiB", "checkpoint_gib", ".2f"), ("shards", "shards", "d"), ("largest shard MiB", "largest_shard_mib", ".0f"),
@@ -44,11 +53,20 @@ def _bf16_bytes(shape) -> int:
     return 2 * torch.Size(shape).numel()
 
 
-def synthetic_qwen3(directory: Path, hidden: int, intermediate: int, layers: int, vocab: int, shard_bytes: int):
-    """A bf16 Qwen3 checkpoint in shards of about `shard_bytes`; returns (total bytes, largest shard, shard count)."""
+def _synthetic_tensor(shape, generator: torch.Generator) -> torch.Tensor:
+    """Norm weights 1, matrices N(0, 0.02²) in bf16: a finite forward at any depth, so verification means something."""
+    if len(shape) == 1:
+        return torch.ones(shape, dtype=torch.bfloat16)
+    return (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+
+
+def synthetic_qwen3(directory: Path, hidden: int, intermediate: int, layers: int, vocab: int, shard_bytes: int,
+                    heads: int = None, kv_heads: int = None, head_dim: int = None, seed: int = 0):
+    """A random bf16 Qwen3 checkpoint in shards of about `shard_bytes`; returns (total bytes, largest shard, shard count)."""
     directory.mkdir(parents=True)
-    head_dim = min(128, hidden)
-    heads, kv_heads = max(1, hidden // head_dim), max(1, hidden // (2 * head_dim))
+    head_dim = head_dim or min(128, hidden)
+    heads = heads or max(1, hidden // head_dim)
+    kv_heads = kv_heads or max(1, hidden // (2 * head_dim))
     config = dict(
         model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=vocab, hidden_size=hidden,
         intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
@@ -67,9 +85,10 @@ def synthetic_qwen3(directory: Path, hidden: int, intermediate: int, layers: int
         current_bytes += _bf16_bytes(shape)
     shards.append(current)
     weight_map, sizes = {}, []
+    generator = torch.Generator().manual_seed(seed)
     for index, shard in enumerate(shards):
         filename = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({name: torch.full(shape, 0.01, dtype=torch.bfloat16) for name, shape in shard.items()},
+        save_file({name: _synthetic_tensor(shape, generator) for name, shape in shard.items()},
                   str(directory / filename), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, filename))
         sizes.append(sum(_bf16_bytes(shape) for shape in shard.values()))
@@ -78,11 +97,18 @@ def synthetic_qwen3(directory: Path, hidden: int, intermediate: int, layers: int
     return sum(sizes), max(sizes), len(shards)
 
 
-def peak_rss(body: str) -> int:
-    """Peak resident bytes of a fresh interpreter that runs `body`."""
+def run_measured(body: str) -> tuple[int, float, list[str]]:
+    """(peak resident bytes, wall seconds, other stdout lines) of a fresh interpreter that runs `body`."""
+    started = time.perf_counter()
     completed = subprocess.run([sys.executable, "-c", _PEAK_RSS.format(body=body)], capture_output=True, text=True,
                                check=True)
-    return int(completed.stdout.strip().splitlines()[-1])
+    lines = completed.stdout.strip().splitlines()
+    return int(lines[-1]), time.perf_counter() - started, lines[:-1]
+
+
+def peak_rss(body: str) -> int:
+    """Peak resident bytes of a fresh interpreter that runs `body`."""
+    return run_measured(body)[0]
 
 
 def conversion_memory_rows(total_gb: float, shard_mbs, model=CONVERT_MODEL, ffn_type: str = "polyglu",
@@ -111,21 +137,73 @@ def conversion_memory_rows(total_gb: float, shard_mbs, model=CONVERT_MODEL, ffn_
     return rows
 
 
+VERIFIED_COLUMNS = [
+    ("ffn_type", "ffn_type", ""), ("verify", "verify", ""), ("checkpoint GiB", "checkpoint_gib", ".2f"),
+    ("shards", "shards", "d"), ("peak RSS MiB", "peak_rss_mib", ".0f"), ("peak ÷ checkpoint", "peak_to_checkpoint", ".2f"),
+    ("wall s", "wall_s", ".1f"), ("max abs Δlogit", "max_abs_logit_diff", ".2e"),
+]
+
+
+def verified_conversion_rows(shape=QWEN3_0_6B_SHAPE, ffn_types=("polyglu",), scratch_dir=None,
+                             on_progress=lambda message: None) -> list:
+    """Peak RSS and wall time of `convert qwen3` with and without verification, on one synthetic checkpoint."""
+    hidden, intermediate, layers, vocab, heads, kv_heads, head_dim, shard_count = shape
+    rows = []
+    with tempfile.TemporaryDirectory(dir=scratch_dir) as scratch:
+        source = Path(scratch) / "src"
+        per_layer = 2 * (3 * hidden * intermediate + 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim)
+        shard_bytes = int(1.05 * (2 * vocab * hidden + layers * per_layer) / shard_count)  # tensors do not split evenly
+
+        total, _, count = synthetic_qwen3(source, hidden, intermediate, layers, vocab, shard_bytes, heads, kv_heads, head_dim)
+        for ffn_type in ffn_types:
+            for verify in (True, False):
+                on_progress(f"convert: {total / 2**30:.2f} GiB Qwen3-shaped checkpoint to {ffn_type}, verify={verify}")
+                destination = Path(scratch) / "dst"
+                peak, seconds, lines = run_measured(
+                    "from modeling_polyglu.conversion.qwen3 import convert_qwen3\n"
+                    f"report = convert_qwen3({str(source)!r}, {str(destination)!r}, {ffn_type!r}, verify={verify}, "
+                    "log=lambda *a: None)\n"
+                    "print(report.max_abs_logit_diff)"
+                )
+                shutil.rmtree(destination)
+                deviation = float(lines[-1]) if verify else float("nan")
+                rows.append({
+                    "ffn_type": ffn_type, "verify": "yes" if verify else "no", "checkpoint_gib": total / 2**30,
+                    "shards": count, "peak_rss_mib": peak / 2**20, "peak_to_checkpoint": peak / total,
+                    "wall_s": seconds, "max_abs_logit_diff": deviation, "layers": layers,
+                })
+    return rows
+
+
 def run(args) -> dict:
     quick = args.quick
     total_gb = args.convert_total_gb or (CONVERT_TOTAL_GB_QUICK if quick else CONVERT_TOTAL_GB)
     shard_mbs = args.convert_shard_mb or (CONVERT_SHARD_MB_QUICK if quick else CONVERT_SHARD_MB)
     model = CONVERT_MODEL_QUICK if quick else CONVERT_MODEL
-    rows = conversion_memory_rows(total_gb, shard_mbs, model, on_progress=lambda message: progress(args, message))
+    report_progress = lambda message: progress(args, message)  # noqa: E731
+    rows = conversion_memory_rows(total_gb, shard_mbs, model, on_progress=report_progress)
+    shape = QWEN3_0_6B_SHAPE_QUICK if quick else QWEN3_0_6B_SHAPE
     return {
         "description": "Peak RSS of `convert qwen3 --no-verify` (polyglu) in a fresh process on a synthetic bf16 "
                        "Qwen3 checkpoint, minus the peak RSS of a process that only imports the converter, "
                        "against the largest shard. Not a timing: one run per shard size.",
         "model": dict(zip(("hidden_size", "intermediate_size", "vocab_size"), model)),
         "rows": rows,
+        "verified_description": "Whole-process peak RSS and wall time of `convert qwen3` with verification (the "
+                                "default) and with --no-verify, on a random bf16 checkpoint of Qwen3-0.6B's shape"
+                                f"{' (quick: a tiny shape)' if quick else ''}; target peak ≤ {PEAK_TARGET}× the checkpoint.",
+        "verified_model": dict(zip(("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size",
+                                    "num_attention_heads", "num_key_value_heads", "head_dim"), shape)),
+        "verified_rows": verified_conversion_rows(shape, on_progress=report_progress),
     }
 
 
 def render(result: dict) -> list:
-    return ["### convert: peak RSS of streaming `convert qwen3` (polyglu, --no-verify)\n\n"
-            + markdown_table(result["rows"], COLUMNS)]
+    tables = ["### convert: peak RSS of streaming `convert qwen3` (polyglu, --no-verify)\n\n"
+              + markdown_table(result["rows"], COLUMNS)]
+    if result.get("verified_rows"):
+        sizes = result["verified_model"]
+        tables.append(f"### convert: verified conversion, d={sizes['hidden_size']} F={sizes['intermediate_size']} "
+                      f"layers={sizes['num_hidden_layers']} vocab={sizes['vocab_size']} (whole-process peak; target "
+                      f"≤ {PEAK_TARGET}× the checkpoint)\n\n" + markdown_table(result["verified_rows"], VERIFIED_COLUMNS))
+    return tables

@@ -21,6 +21,8 @@ from safetensors import safe_open
 from .checkpoint_io import CheckpointError, read_json, safetensors_shards
 
 LAYER_PREFIX = "model.layers."
+CHUNK_BYTES = 64 * 2**20
+
 
 
 def tensor_locations(directory: Path) -> dict[str, Path]:
@@ -34,18 +36,38 @@ def tensor_locations(directory: Path) -> dict[str, Path]:
     return {name: directory / shard for name, shard in index["weight_map"].items()}
 
 
+def _read_in_row_chunks(shard: Path, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """A large tensor read CHUNK_BYTES of rows at a time, the file reopened per chunk: the source-dtype copy and the
+    mapped file pages (which count as resident memory while mapped) never exceed one chunk."""
+    with safe_open(str(shard), framework="pt") as handle:
+        shape = handle.get_slice(name).get_shape()
+    result = torch.empty(shape, dtype=dtype)
+    row_bytes = max(1, math.prod(shape[1:])) * 4
+    step = max(1, CHUNK_BYTES // row_bytes)
+    for start in range(0, shape[0], step):
+        with safe_open(str(shard), framework="pt") as handle:
+            result[start : start + step] = handle.get_slice(name)[start : start + step]
+    return result
+
+
 def read_tensors(names, locations: dict[str, Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The named tensors, cast to `dtype`, each shard opened once."""
+    """The named tensors, cast to `dtype`; tensors over CHUNK_BYTES are read in row chunks (embeddings, head)."""
     by_shard: dict[Path, list[str]] = {}
     for name in names:
         if name not in locations:
             raise CheckpointError(f"tensor {name!r} is missing from the checkpoint")
         by_shard.setdefault(locations[name], []).append(name)
-    tensors = {}
+    tensors, large = {}, []
     for shard, shard_names in by_shard.items():
         with safe_open(str(shard), framework="pt") as handle:
             for name in shard_names:
-                tensors[name] = handle.get_tensor(name).to(dtype)
+                shape = handle.get_slice(name).get_shape()
+                if math.prod(shape) * 4 > CHUNK_BYTES:
+                    large.append((shard, name))
+                else:
+                    tensors[name] = handle.get_tensor(name).to(dtype)
+    for shard, name in large:
+        tensors[name] = _read_in_row_chunks(shard, name, dtype)
     return tensors
 
 

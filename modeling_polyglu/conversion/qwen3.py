@@ -8,6 +8,7 @@ Qwen3 and the converted model one decoder layer at a time (layer_streaming.py) a
 gradient that reaches the routers; its peak is the fp32 embeddings and head plus one layer.
 """
 
+import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -325,7 +326,8 @@ def _verify(source: Path, converted: Path, report: ConversionReport, probe_file,
     input_ids = probe_input_ids(source, probe_file, source_config.vocab_size)
     source_model = LayerStreamedCausalLM(Qwen3ForCausalLM, source_config, source)
     source_logits = source_model.logits(input_ids)
-    del source_model  # the two models are never in memory together
+    del source_model
+    gc.collect()  # its layer hooks make a reference cycle: free its embeddings before the converted model loads
     converted_model = LayerStreamedCausalLM(PolyGLUForCausalLM, PolyGLUConfig.from_pretrained(str(converted)), converted)
     report.max_abs_logit_diff, report.mean_kl = logit_deviation(source_logits, converted_model.logits(input_ids))
     report.router_grad_norm = converted_model.router_gradient_norm(input_ids)

@@ -17,13 +17,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
+
 
 from .reports import write_routing_report
 from .routing_stats import RoutingProbe, concatenate_snapshot, probe_batches, routing_alerts, unwrap_polyglu_model
 
+# The probe's default token budget: its forwards (≈ 1/3 of a training step's cost per token; LoRA's backward is
+# cheaper, so count 1/2) should take PROBE_COST_SHARE of the run, leaving room for the statistics themselves.
+PROBE_COST_SHARE = 0.02
+TRAIN_COST_PER_TOKEN_IN_FORWARDS = 2.0
+MIN_PROBE_TOKENS, MAX_PROBE_TOKENS = 64, 4096
 SNAPSHOT_FILE = "routing_initial_snapshot{suffix}.safetensors"
+
 INITIAL_METRICS_FILE = "routing_initial_metrics.json"
 TAU_SCHEDULES = ("fixed", "linear", "cosine")
 
@@ -33,7 +42,13 @@ class RoutingArguments:
     """Routing options of `polyglu sft` (they appear next to TRL's own arguments)."""
 
     routing_monitor_steps: int = field(default=50, metadata={"help": "Measure the applied routing every N steps (0: off)."})
-    routing_probe_size: int = field(default=32, metadata={"help": "Examples held out from training as the routing probe set."})
+    routing_probe_size: int = field(default=32, metadata={"help": "Examples held out from training as the routing probe set (at most; the eval split's head when it has enough)."})
+    routing_probe_tokens: int = field(
+        default=0,
+        metadata={"help": "Tokens per process in one measurement (the probe examples are cut to this). 0 (default): "
+                          f"sized so the monitor costs about {PROBE_COST_SHARE:.0%} of the run, from max_steps, the batch "
+                          f"size and the probe's example lengths, between {MIN_PROBE_TOKENS} and {MAX_PROBE_TOKENS}."},
+    )
     routing_probe_batch_size: int = field(default=8, metadata={"help": "Batch size of the probe forwards."})
     routing_max_neurons: int = field(default=256, metadata={"help": "Neurons per layer kept for flip rate and KL."})
     routing_tau_schedule: str = field(default="fixed", metadata={"help": "fixed | linear | cosine."})
@@ -89,6 +104,24 @@ class RoutingTauCallback(TrainerCallback):
         base.set_routing_tau(tau_at(progress, self.start, self.end, self.arguments.routing_tau_schedule))
 
 
+def default_probe_token_budget(max_steps: int, monitor_steps: int, tokens_per_step: float) -> int:
+    """Probe tokens per measurement so that all measurements (start, every `monitor_steps`, end) cost ≈ PROBE_COST_SHARE."""
+    measurements = 1 + math.ceil(max_steps / monitor_steps) if monitor_steps > 0 else 2
+    budget = PROBE_COST_SHARE * TRAIN_COST_PER_TOKEN_IN_FORWARDS * max_steps * tokens_per_step / measurements
+    return int(min(max(budget, MIN_PROBE_TOKENS), MAX_PROBE_TOKENS))
+
+
+def cut_to_token_budget(token_lists: list[list[int]], budget: int) -> list[list[int]]:
+    """The leading examples whose tokens fit in `budget`; the last one kept is cut to fill it."""
+    kept, left = [], budget
+    for ids in token_lists:
+        if left <= 0:
+            break
+        kept.append(ids[:left])
+        left -= len(kept[-1])
+    return kept
+
+
 class RoutingMonitorCallback(TrainerCallback):
     """Measures and logs the applied routing on a fixed probe set during training (see the module docstring)."""
 
@@ -96,12 +129,14 @@ class RoutingMonitorCallback(TrainerCallback):
         self.trainer = trainer
         self.arguments = arguments
         self.probe = RoutingProbe(max_neurons=arguments.routing_max_neurons)
-        world, rank = trainer.args.world_size, trainer.args.process_index
-        usable = (len(probe_token_lists) // world) * world  # equal shards: every rank runs the same number of forwards
-        if usable == 0:
-            raise ValueError(f"routing_probe_size ({len(probe_token_lists)}) must be at least the number of processes ({world}).")
-        shard = probe_token_lists[:usable][rank::world]
-        self.batches = probe_batches(shard, arguments.routing_probe_batch_size, pad_token_id)
+        self.probe_token_lists, self.pad_token_id = probe_token_lists, pad_token_id
+        if len(probe_token_lists) < trainer.args.world_size:
+            raise ValueError(
+                f"routing_probe_size ({len(probe_token_lists)}) must be at least the number of processes ({trainer.args.world_size})."
+            )
+        # fixed now when given; the default budget needs max_steps and is chosen at on_train_begin
+        self.probe_tokens = arguments.routing_probe_tokens or MAX_PROBE_TOKENS
+        self._select_probe(self.probe_tokens)
         self.snapshot = None
         self.initial_metrics = {}
         self.history: list[dict] = []
@@ -111,7 +146,27 @@ class RoutingMonitorCallback(TrainerCallback):
         self.train_started = None
         self.last_measured_step = None
 
+    def _select_probe(self, tokens_per_process: int) -> None:
+        """This rank's probe batches: the examples cut to the budget, then dealt out in equal counts to the ranks."""
+        world, rank = self.trainer.args.world_size, self.trainer.args.process_index
+        kept = cut_to_token_budget(self.probe_token_lists, tokens_per_process * world)
+        if len(kept) < world:  # less than one example per rank: every rank gets one example, cut to the budget
+            kept = [ids[:tokens_per_process] for ids in self.probe_token_lists[:world]]
+        usable = (len(kept) // world) * world  # equal shards: every rank runs the same number of forwards
+        shard = kept[:usable][rank::world]
+        self.batches = probe_batches(shard, self.arguments.routing_probe_batch_size, self.pad_token_id)
+        self.probe_examples = len(shard)
+        self.probe_token_count = sum(len(ids) for ids in shard)
+
+    def _default_budget(self, args, state) -> int:
+        """Tokens per measurement for ≈ PROBE_COST_SHARE of the run (see default_probe_token_budget)."""
+        lengths = [len(ids) for ids in self.probe_token_lists]
+        row_tokens = args.max_length if getattr(args, "packing", False) and getattr(args, "max_length", None) else sum(lengths) / len(lengths)
+        tokens_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * row_tokens
+        return default_probe_token_budget(state.max_steps, self.arguments.routing_monitor_steps, tokens_per_step)
+
     def _paths(self, output_dir: str):
+
         suffix = f".rank{self.trainer.args.process_index}" if self.trainer.args.world_size > 1 else ""
         return Path(output_dir) / SNAPSHOT_FILE.format(suffix=suffix), Path(output_dir) / INITIAL_METRICS_FILE
 
@@ -127,7 +182,21 @@ class RoutingMonitorCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.train_started = time.perf_counter()
         snapshot_path, metrics_path = self._paths(args.output_dir)
-        if snapshot_path.is_file() and metrics_path.is_file():
+        resumed = snapshot_path.is_file() and metrics_path.is_file()
+        if resumed:  # the probe the snapshot was taken on, whatever the budget would be now
+            with safe_open(str(snapshot_path), framework="pt") as handle:
+                self.probe_tokens = int((handle.metadata() or {}).get("probe_tokens", self.probe_tokens))
+        elif not self.arguments.routing_probe_tokens:
+            self.probe_tokens = self._default_budget(args, state)
+        self._select_probe(self.probe_tokens)
+        if self.trainer.is_world_process_zero():
+            print(
+                f"Routing monitor: {self.probe_token_count} probe tokens from {self.probe_examples} example(s) per "
+                f"process and measurement (--routing_probe_tokens, default sized to ~{PROBE_COST_SHARE:.0%} of the "
+                f"run), at the start, every {self.arguments.routing_monitor_steps} steps and at the end "
+                "(--routing_monitor_steps; 0 turns monitoring off)."
+            )
+        if resumed:
             # resumed run: compare against the original start, not the checkpoint
             self.snapshot = load_file(str(snapshot_path))
             self.initial_metrics = json.loads(metrics_path.read_text())
@@ -137,10 +206,12 @@ class RoutingMonitorCallback(TrainerCallback):
             self.snapshot = concatenate_snapshot(snapshot)
             self.initial_metrics = metrics
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            save_file({key: value.contiguous() for key, value in self.snapshot.items()}, str(snapshot_path))
+            save_file({key: value.contiguous() for key, value in self.snapshot.items()}, str(snapshot_path),
+                      metadata={"probe_tokens": str(self.probe_tokens)})
             if self.trainer.is_world_process_zero():
                 metrics_path.write_text(json.dumps(metrics, indent=2))
         self.trainer.log(dict(metrics))
+        self._print_summary(state.global_step, metrics, [])
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         every = self.arguments.routing_monitor_steps
@@ -158,6 +229,10 @@ class RoutingMonitorCallback(TrainerCallback):
                 "measurement_seconds": self.measurement_seconds,
                 "train_seconds": elapsed,
                 "monitor_overhead": self.monitor_seconds / elapsed if elapsed > 0 else None,
+
+                "probe_tokens_per_process": self.probe_token_count,
+                "probe_token_budget": self.probe_tokens,
+                "probe_examples_per_process": self.probe_examples,
                 "initial": self.initial_metrics,
             }
             self.written = write_routing_report(args.output_dir, self.history, extra)
@@ -170,14 +245,53 @@ class RoutingMonitorCallback(TrainerCallback):
         should_log = control.should_log
         self.trainer.log(dict(metrics))
         control.should_log = should_log
-        for kind, message in routing_alerts(
+        alerts = routing_alerts(
             metrics, self.initial_metrics, self.arguments.routing_collapse_threshold, self.arguments.routing_flip_rate_threshold
-        ):
+        )
+        self._print_summary(state.global_step, metrics, alerts)
+        for kind, message in alerts:
             self.alerts.append({"step": state.global_step, "kind": kind, "message": message})
             if self.trainer.is_world_process_zero():
                 warnings.warn(f"Routing alert at step {state.global_step}: {message}", stacklevel=2)
             if self.arguments.routing_stop_on_alert:
                 control.should_training_stop = True
+
+
+    def _print_summary(self, step: int, metrics: dict, alerts: list) -> None:
+        """One short console line per measurement (the per-layer keys go to log_history and report_to only)."""
+        if self.trainer.is_world_process_zero() and _console_printers(self.trainer):
+            tqdm.write(routing_summary_line(step, metrics, len(alerts), self.measurement_seconds[-1]))
+
+
+def routing_summary_line(step: int, metrics: dict, alert_count: int, seconds: float) -> str:
+    parts = [f"routing @ step {step}:"]
+    for key, label, spec in (("routing/entropy", "entropy", ".3f"), ("routing/flip_rate", "flips", ".2%"),
+                             ("routing/kl_from_initial", "KL", ".2e"), ("routing/nonfinite", "NaN/inf", ".0f")):
+        if key in metrics:
+            parts.append(f"{label} {format(metrics[key], spec)}")
+    parts.append(f"alerts {alert_count} ({seconds:.1f} s)")
+    return " ".join(parts[:1]) + " " + ", ".join(parts[1:])
+
+
+def _console_printers(trainer) -> list:
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    return [callback for callback in trainer.callback_handler.callbacks if isinstance(callback, (PrinterCallback, ProgressCallback))]
+
+
+def keep_routing_keys_off_the_console(trainer) -> None:
+    """The console callbacks print every logged key: drop `routing/...` from what they print (the monitor prints a
+    summary); logs with nothing else are not printed. log_history and report_to still get every key."""
+    for callback in _console_printers(trainer):
+        print_logs = callback.on_log
+
+        def on_log(args, state, control, logs=None, print_logs=print_logs, **kwargs):
+            shown = {key: value for key, value in (logs or {}).items() if not key.startswith("routing/")}
+            if set(shown) - {"epoch", "step"}:
+                return print_logs(args, state, control, logs=shown, **kwargs)
+            return None
+
+        callback.on_log = on_log
 
 
 def add_routing_callbacks(trainer, arguments: RoutingArguments, probe_token_lists, pad_token_id: int):
@@ -187,4 +301,5 @@ def add_routing_callbacks(trainer, arguments: RoutingArguments, probe_token_list
     if arguments.routing_monitor_steps > 0 and probe_token_lists:
         monitor = RoutingMonitorCallback(trainer, probe_token_lists, arguments, pad_token_id)
         trainer.add_callback(monitor)
+        keep_routing_keys_off_the_console(trainer)
     return monitor

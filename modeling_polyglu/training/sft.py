@@ -12,8 +12,10 @@ Arguments are TRL's (ScriptArguments, SFTConfig, ModelConfig) plus :class:`Routi
   monitor; its report and plots land in `--output_dir`.
 """
 
+import os
 import sys
 from pathlib import Path
+
 
 import torch
 
@@ -50,6 +52,12 @@ def load_training_dataset(name_or_path: str, config_name=None):
     return load_dataset(name_or_path, name=config_name)
 
 
+def _announce(message: str) -> None:
+    """Print once per run, not once per process (RANK is set by torchrun and accelerate launch)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message)
+
+
 def _split_probe(dataset, script_args, routing_args, seed: int):
     """(train, eval_or_None, probe_examples): the probe is the eval split's head, or held out from train."""
     train = dataset[script_args.dataset_train_split]
@@ -58,11 +66,16 @@ def _split_probe(dataset, script_args, routing_args, seed: int):
     if size <= 0:
         return train, evaluation, []
     if evaluation is not None and len(evaluation) >= size:
+        _announce(f"Routing monitor: the probe set is the first {size} examples of the '{script_args.dataset_test_split}' "
+              "split (--routing_probe_size); training uses every training example.")
         return train, evaluation, [evaluation[i] for i in range(size)]
     if len(train) <= size:
         raise ValueError(f"The training set has {len(train)} examples, too few to hold out {size} for the routing probe.")
     parts = train.train_test_split(test_size=size, seed=seed, shuffle=True)
+    _announce(f"Routing monitor: holding out {size} of the {len(train)} training examples as its probe set (not trained "
+          f"on); change it with --routing_probe_size N, or give the data a test split of at least {size} examples.")
     return parts["train"], evaluation, list(parts["test"])
+
 
 
 def load_model_and_tokenizer(model_args, training_args):

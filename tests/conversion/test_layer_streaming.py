@@ -7,7 +7,9 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from modeling_polyglu import PolyGLUConfig, PolyGLUForCausalLM
+from modeling_polyglu.conversion import layer_streaming
 from modeling_polyglu.conversion.layer_streaming import LayerStreamedCausalLM, logit_deviation
+
 from modeling_polyglu.conversion.qwen3 import convert_qwen3
 
 from .test_qwen3 import QUIET, save_qwen3
@@ -18,8 +20,9 @@ def materialised_layers(streamed) -> int:
 
 
 @pytest.mark.parametrize("tied, dtype", [(False, torch.float32), (True, torch.bfloat16)])
-def test_streamed_qwen3_gives_from_pretrained_logits_with_one_layer_in_memory(tmp_path, tied, dtype):
+def test_streamed_qwen3_gives_from_pretrained_logits_with_one_layer_in_memory(tmp_path, monkeypatch, tied, dtype):
     save_qwen3(tmp_path / "src", tied=tied, dtype=dtype)
+    monkeypatch.setattr(layer_streaming, "CHUNK_BYTES", 4096)  # the embeddings and head are read in row chunks
     input_ids = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(0))
     whole = Qwen3ForCausalLM.from_pretrained(str(tmp_path / "src"), dtype=torch.float32).eval()
     with torch.no_grad():
