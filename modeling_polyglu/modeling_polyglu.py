@@ -748,7 +748,16 @@ class PolyGLUPreTrainedModel(PreTrainedModel):
         # AutoModel / AutoModelForSequenceClassification also load the checkpoint with trust_remote_code.
         if getattr(self, "_auto_class", None) is not None:
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **REMOTE_CODE_AUTO_MAP}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        # FSDP2's fully_shard swaps in a subclass that torch defines (FSDPPolyGLUForCausalLM); transformers names the
+        # saved class in auto_map and copies its source file from type(self), so save as the class it wraps.
+        sharded_class = type(self)
+        if not sharded_class.__module__.startswith("torch."):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        self.__class__ = next(cls for cls in sharded_class.__mro__ if not cls.__module__.startswith("torch."))
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = sharded_class
 
     def set_routing_tau(self, tau: float) -> None:
         """Set the softmax temperature of every router (saved with the config; used in train and eval)."""

@@ -215,7 +215,9 @@ class RoutingProbe:
                     kls.append(metrics[f"{prefix}/kl_from_initial"])
                 router = base.model.layers[index].mlp.router
                 if hasattr(router, "alpha"):
-                    alpha_probabilities = torch.softmax(router.alpha.detach().float(), -1)
+                    from .engines import full_parameter  # the whole α: gathered under ZeRO-3, FSDP2 and TP
+
+                    alpha_probabilities = torch.softmax(full_parameter(router.alpha).float(), -1)
                     value = float(_probability_entropy(alpha_probabilities).mean()) / math.log(len(acts))
                     metrics[f"{prefix}/static_alpha_entropy"] = value
                     static.append(value)

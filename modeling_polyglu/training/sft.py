@@ -151,6 +151,9 @@ def main(argv=None) -> int:
         print(f"Saved the fine-tuned model to {training_args.output_dir}")
         if monitor is not None and getattr(monitor, "written", None):
             print("Routing report: " + ", ".join(monitor.written.values()))
+    from .engines import close_process_group
+
+    close_process_group()  # a gloo group left to interpreter exit can abort the process (see engines.py)
     return 0
 
 

@@ -6,13 +6,11 @@ reference's own bug. :class:`PolyGLUSFTTrainer` never weight-decays router param
 
 from trl import SFTTrainer
 
-
-def is_router_parameter(name: str) -> bool:
-    return ".router." in name or name.startswith("router.")
+from .engines import RoutersSavedInFp32Mixin, is_router_parameter
 
 
-class PolyGLUSFTTrainer(SFTTrainer):
-    """SFTTrainer whose optimizer never applies weight decay to router parameters."""
+class PolyGLUSFTTrainer(RoutersSavedInFp32Mixin, SFTTrainer):
+    """SFTTrainer whose optimizer never applies weight decay to router parameters, and which saves them in fp32."""
 
     def get_decay_parameter_names(self, model) -> list[str]:
         return [name for name in super().get_decay_parameter_names(model) if not is_router_parameter(name)]

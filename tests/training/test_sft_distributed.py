@@ -8,7 +8,8 @@ and a local JSONL chat dataset (64 conversations). (`accelerate launch --cpu --n
 - every recipe parses with `polyglu sft`'s parser and says what it promises (learning rates, LoRA, packing +
   padding-free, the reference τ anneal); the accelerate configs load with accelerate's own loader and the FSDP one
   wraps a layer class the model has [test_recipes_parse_and_say_what_they_promise, test_accelerate_configs_load]
-- full fine-tuning with recipes/polyglu_full.yaml on 2 ranks (one run, module-scoped fixture):
+- full fine-tuning with recipes/polyglu_full.yaml on 2 ranks (one run, the session fixture `ddp_run` in conftest.py,
+  also the reference of test_engines.py):
   - both ranks ran: each wrote its own initial routing snapshot [test_ddp_both_ranks_wrote_their_snapshot]
   - the rank-0 step-0 routing metrics equal one process measuring the whole probe set: every rank ran its shard and
     the sums were all-reduced [test_ddp_probe_metrics_are_reduced_over_both_shards]
@@ -20,136 +21,20 @@ and a local JSONL chat dataset (64 conversations). (`accelerate launch --cpu --n
 - LoRA with recipes/polyglu_lora.yaml on 2 ranks: adapter with the trained routers, per-rank snapshots, report
   [test_ddp_lora_saves_adapter_with_routers]
 
-FSDP is not tested here: accelerate 1.15 enables FSDP only for GPU-like distributed types, so the FSDP config with
-`use_cpu: true` silently runs plain DDP on CPU (see recipes/README.md). DeepSpeed needs CUDA.
+DeepSpeed ZeRO-2/3, FSDP2 and Ray Train are compared with this DDP run in test_engines.py.
 """
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-RECIPES = REPO / "recipes"
-NUM_EXAMPLES = 64
-MAX_STEPS = 5
-MONITOR_EVERY = 2
-MONITORED_STEPS = [0, 2, 4, 5]  # start, every 2 steps, end of training
-PROBE_SIZE = 8
-MAX_LENGTH = 128
-SEED = 42  # the recipes' seed: the probe split depends on it
-LAUNCH_TIMEOUT = 300
+from .distributed_runs import MAX_LENGTH, MAX_STEPS, MONITOR_EVERY, MONITORED_STEPS, PROBE_SIZE, RECIPES, SEED
+from .distributed_runs import launch_two_ranks, log_history
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# fixtures
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _conversations(count: int, seed: int = 0) -> list[dict]:
-    import random
-
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        question = rng.choice([f"what is {a}+{b}?", f"{a}+{b}=?", f"what is {a} + {b}?"])
-        rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": str(a + b)}]})
-    return rows
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A converted tiny PolyGLU model (from a random Qwen3) and a 64-conversation JSONL file."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from modeling_polyglu.char_tokenizer import build_chat_tokenizer
-    from modeling_polyglu.conversion.qwen3 import convert_qwen3
-
-    root = tmp_path_factory.mktemp("sft_distributed")
-    rows = _conversations(NUM_EXAMPLES)
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    tokenizer = build_chat_tokenizer(["0123456789+=? whatis"])
-    torch.manual_seed(0)
-    qwen3 = Qwen3ForCausalLM(
-        Qwen3Config(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-            tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )
-    )
-    qwen3.save_pretrained(root / "qwen3")
-    tokenizer.save_pretrained(root / "qwen3")
-    convert_qwen3(str(root / "qwen3"), str(root / "polyglu"), "polyglu", verify=False, log=lambda *args: None)
-    return SimpleNamespace(root=root, data=data, rows=rows, model=root / "polyglu")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch_two_ranks(workspace, recipe: str, output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """`accelerate launch --multi_gpu --num_processes 2 ... -m modeling_polyglu.cli sft --config <recipe> ...` on CPU."""
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        "-m", "modeling_polyglu.cli", "sft",
-        "--config", str(RECIPES / recipe),
-        "--use_cpu", "true",
-        "--model_name_or_path", str(workspace.model),
-        "--dataset_name", str(workspace.data),
-        "--output_dir", str(output_dir),
-        "--per_device_train_batch_size", "4",
-        "--gradient_accumulation_steps", "1",
-        "--max_length", str(MAX_LENGTH),
-        "--routing_probe_size", str(PROBE_SIZE),
-        "--routing_monitor_steps", str(MONITOR_EVERY),
-        *overrides,
-    ]
-    env = dict(os.environ)
-    env.update(
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
-        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-        HF_DATASETS_CACHE=str(output_dir.parent / f"{output_dir.name}_datasets_cache"),
-        TENSORBOARD_LOGGING_DIR=str(output_dir.parent / f"{output_dir.name}_tensorboard"),
-        OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-    )
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
-    assert result.returncode == 0, f"launch failed ({result.returncode}):\n{(result.stdout + result.stderr)[-6000:]}"
-    return result
-
-
-@pytest.fixture(scope="module")
-def ddp_run(workspace):
-    """recipes/polyglu_full.yaml (τ anneal 1.0 -> 0.1) for 5 steps on 2 ranks; checkpoint (trainer_state.json) at step 5."""
-    output_dir = workspace.root / "ddp_full"
-    _launch_two_ranks(
-        workspace, "polyglu_full.yaml", output_dir,
-        "--max_steps", str(MAX_STEPS), "--logging_steps", "1",
-        "--save_strategy", "steps", "--save_steps", str(MAX_STEPS),
-        "--report_to", "tensorboard",
-    )
-    return SimpleNamespace(output_dir=output_dir, tensorboard_dir=workspace.root / "ddp_full_tensorboard")
-
-
-def _log_history(run) -> list[dict]:
-    state = run.output_dir / f"checkpoint-{MAX_STEPS}" / "trainer_state.json"
-    assert state.is_file(), f"no {state}"
-    return json.loads(state.read_text())["log_history"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,7 +138,7 @@ def test_ddp_routing_logged_once_per_monitored_step(ddp_run):
 
     monitored = MONITORED_STEPS
     # the last measurement is taken at the last step, so the step-5 checkpoint's trainer_state.json has it too
-    history_steps = [entry["step"] for entry in _log_history(ddp_run) if "routing/entropy" in entry]
+    history_steps = [entry["step"] for entry in log_history(ddp_run.output_dir) if "routing/entropy" in entry]
     assert history_steps == monitored
     accumulator = EventAccumulator(str(ddp_run.tensorboard_dir))
     accumulator.Reload()
@@ -272,7 +157,7 @@ def test_ddp_routing_logged_once_per_monitored_step(ddp_run):
 
 def test_ddp_training_loss_logged_at_every_logging_step(ddp_run):
     """logging_steps=1: every step's log carries the loss, also the steps where the routing monitor logged."""
-    loss_steps = sorted(entry["step"] for entry in _log_history(ddp_run) if "loss" in entry)
+    loss_steps = sorted(entry["step"] for entry in log_history(ddp_run.output_dir) if "loss" in entry)
     assert loss_steps == list(range(1, MAX_STEPS + 1))
 
 
@@ -302,7 +187,7 @@ def test_ddp_lora_saves_adapter_with_routers(workspace):
     from safetensors import safe_open
 
     output_dir = workspace.root / "ddp_lora"
-    _launch_two_ranks(
+    launch_two_ranks(
         workspace, "polyglu_lora.yaml", output_dir,
         "--max_steps", "2", "--save_strategy", "no", "--report_to", "none",
     )

@@ -1,0 +1,44 @@
+"""One rank of the tensor-parallel check (run by tests/test_tensor_parallel.py under `torchrun --nproc_per_node 2`).
+
+    tensor_parallel_child.py OUTPUT_DIR CHECKPOINT...
+
+Each checkpoint is loaded with `tp_plan="auto"` (gloo on CPU), runs one forward on the saved `input_ids` and one
+backward of the mean logit; rank 0 writes the logits and every parameter's whole gradient (DTensor gradients
+assembled with full_tensor) to OUTPUT_DIR/<checkpoint name>.safetensors.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import modeling_polyglu  # noqa: F401  registers the Auto classes
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().contiguous()
+
+
+def main(output_dir: str, checkpoints: list[str]) -> None:
+    dist.init_process_group("gloo")
+    for checkpoint in checkpoints:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, tp_plan="auto", dtype=torch.float32)
+        model.eval()  # deterministic routing: no noise, so sharded and unsharded runs compute the same function
+        input_ids = load_file(str(Path(checkpoint) / "inputs.safetensors"))["input_ids"]
+        logits = model(input_ids=input_ids, use_cache=False).logits
+        logits.float().mean().backward()
+        results = {"logits": whole(logits)}
+        for name, parameter in model.named_parameters():
+            results[f"grad.{name}"] = whole(parameter.grad)
+        if dist.get_rank() == 0:
+            save_file(results, str(Path(output_dir) / f"{Path(checkpoint).name}.safetensors"))
+        dist.barrier()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
