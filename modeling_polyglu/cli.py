@@ -1,6 +1,7 @@
 """The `polyglu` console command: one entry point with subcommands, like `accelerate` or `trl`."""
 
 import argparse
+import errno
 import signal
 import sys
 import threading
@@ -151,6 +152,27 @@ def _interrupt_on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
+def _unwind_on_sigterm() -> None:
+    if threading.current_thread() is threading.main_thread():
+        # a terminated run unwinds like Ctrl-C, so staged output is removed on the way out
+        signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for a failed read or write, with the fix for the usual causes (full or read-only disk)."""
+    hints = {
+        errno.ENOSPC: "free disk space or choose another destination",
+        errno.EROFS: "the filesystem is read-only; choose a writable destination",
+        errno.EACCES: "no permission; choose a writable destination",
+        errno.EPERM: "no permission; choose a writable destination",
+    }
+    text = str(error)
+    hint = hints.get(error.errno)
+    if hint is None and ("No space left" in text or "StorageFull" in text):  # safetensors' wrapped I/O errors
+        hint = hints[errno.ENOSPC]
+    return f"{text}; {hint}" if hint else text
+
+
 def main(argv=None) -> int:
     from .conversion.staging import DestinationExistsError
 
@@ -162,20 +184,25 @@ def main(argv=None) -> int:
     if argv[:1] == ["sft"]:  # TRL's own parser takes every remaining argument (and --config YAML files)
         from .training.sft import main as sft_main
 
+        _unwind_on_sigterm()
         try:
             return sft_main(argv[1:])
         except ValueError as error:
             print(f"polyglu sft: error: {error}", file=sys.stderr)
             return 2
+        except OSError as error:
+            print(f"polyglu sft: error: {describe_os_error(error)}", file=sys.stderr)
+            return 1
     args = build_parser().parse_args(argv)
-    if threading.current_thread() is threading.main_thread():
-        # a terminated run unwinds like Ctrl-C, so staged output is removed on the way out
-        signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    _unwind_on_sigterm()
     try:
         return args.handler(args)
     except (UserFacingError, DestinationExistsError, ValueError) as error:
         print(f"polyglu {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a full or read-only disk: staged output was already removed
+        print(f"polyglu {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"polyglu {args.command}: interrupted; no output was left behind", file=sys.stderr)
         return 130

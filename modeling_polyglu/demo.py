@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .conversion.staging import atomic_directory
+from .conversion.staging import atomic_directory, is_model_directory
 from .char_tokenizer import build_chat_tokenizer
 from .conversion.qwen3 import convert_qwen3
 from .conversion.remote_code import generate_in_fresh_process
@@ -103,6 +103,11 @@ def _sft_arguments(model_dir: Path, data: Path, output_dir: Path, steps: int, se
     ]
 
 
+def is_demo_output(path: Path) -> bool:
+    """A previous demo's output directory: what --overwrite may replace."""
+    return (path / "demo_summary.json").is_file() or is_model_directory(path / "sft")
+
+
 def run_demo(
     output_dir: str = "outputs/demo",
     ffn_type: str = "polyglu",
@@ -119,7 +124,7 @@ def run_demo(
     train_facts, held_out = split_facts(seed)
     questions = [f"what is {a}+{b}?" for a, b in held_out]
     final = Path(output_dir).resolve()
-    with atomic_directory(final, overwrite=overwrite) as work:
+    with atomic_directory(final, overwrite=overwrite, sources=(base_model,), replaceable=is_demo_output) as work:
         base_dir = Path(base_model) if base_model else work / "base-qwen3"
         if base_model is None:
             log(f"[1/4] Pretraining a small Qwen3 base model on addition facts ({pretrain_steps} steps)...")

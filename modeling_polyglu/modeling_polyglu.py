@@ -15,6 +15,8 @@ sibling files, and uses only public transformers surfaces.
 
 import dataclasses
 import inspect
+import re
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -37,7 +39,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
 from .activation_mixing import mix_activations, mix_activations_grouped, mix_activations_naive, mixing_weights
-from .configuration_polyglu import DUALGLU_ACTIVATIONS, FIXED_FFN_ACTIVATIONS, PolyGLUConfig
+from .configuration_polyglu import DUALGLU_ACTIVATIONS, FFN_TYPES, FIXED_FFN_ACTIVATIONS, PolyGLUConfig
 
 logger = logging.get_logger(__name__)
 
@@ -722,6 +724,49 @@ REMOTE_CODE_AUTO_MAP = {
 }
 
 
+_ROUTER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.router\.(.+)$")
+
+
+def router_tensor_names(config: PolyGLUConfig, ffn_type: str) -> Optional[frozenset]:
+    """Names of one layer's router tensors for `ffn_type` under `config` (None if the type cannot be built)."""
+    try:
+        activations, router_class, _, _ = mixer_spec(config, ffn_type)
+        if router_class is None:
+            return frozenset()
+        with torch.device("meta"):
+            return frozenset(router_class(config, activations).state_dict())
+    except ValueError:
+        return None
+
+
+def ffn_type_mismatch_message(config: PolyGLUConfig, missing_keys, unexpected_keys) -> Optional[str]:
+    """A warning when the checkpoint's router tensors belong to another ffn_type than its config names."""
+    by_layer = {}
+    for keys, present in ((missing_keys, False), (unexpected_keys, True)):
+        for key in keys:
+            match = _ROUTER_KEY.search(key)
+            if match:
+                by_layer.setdefault(int(match.group(1)), {})[match.group(2)] = present
+    mismatches = {}
+    for layer, keys in sorted(by_layer.items()):
+        configured = config.ffn_type_of_layer(layer)
+        expected = router_tensor_names(config, configured) or frozenset()
+        saved = (expected - {name for name, present in keys.items() if not present}) | {n for n, present in keys.items() if present}
+        candidates = [t for t in FFN_TYPES if t != configured and router_tensor_names(config, t) == saved]
+        if saved:
+            candidates = [t for t in candidates if t not in FIXED_FFN_ACTIVATIONS]
+        belongs_to = " or ".join(candidates) if saved else "a fixed-activation variant (no router tensors)"
+        mismatches.setdefault((configured, belongs_to or "no known variant"), []).append(layer)
+    if not mismatches:
+        return None
+    parts = [f"layers {layers} are {configured!r} in config.json but their weights are {belongs_to}"
+             for (configured, belongs_to), layers in mismatches.items()]
+    return (
+        "; ".join(parts) + ". Their router weights were re-initialised or ignored: set ffn_type (or ffn_types) in "
+        "config.json to the variant the checkpoint was saved as."
+    )
+
+
 class PolyGLUPreTrainedModel(PreTrainedModel):
     config_class = PolyGLUConfig
     config: PolyGLUConfig
@@ -765,6 +810,18 @@ class PolyGLUPreTrainedModel(PreTrainedModel):
         if not tau > 0:
             raise ValueError(f"routing tau must be > 0, got {tau}.")
         self.config.routing_tau = tau
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # a hand-edited ffn_type would silently re-initialise the routers: say which variant the weights are
+        wants_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        message = ffn_type_mismatch_message(
+            model.config, loading_info.get("missing_keys", ()), loading_info.get("unexpected_keys", ())
+        )
+        if message:
+            warnings.warn(message, UserWarning, stacklevel=2)
+        return (model, loading_info) if wants_loading_info else model
 
 
 def routing_parameters_kept_in_fp32(model: nn.Module) -> list[str]:

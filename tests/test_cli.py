@@ -58,7 +58,7 @@ def test_atomic_directory_leaves_nothing_after_a_failure(tmp_path):
 def test_atomic_directory_replaces_only_when_asked(tmp_path):
     destination = tmp_path / "model"
     with atomic_directory(destination) as staging:
-        (staging / "a.txt").write_text("first")
+        (staging / "config.json").write_text("{}")
     with pytest.raises(DestinationExistsError):
         with atomic_directory(destination):
             pass

@@ -88,7 +88,12 @@ def iter_shard_tensors(shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path), metadata={"format": "pt"})
+    try:
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path), metadata={"format": "pt"})
+    except OSError:
+        raise
+    except Exception as error:  # safetensors reports a full or read-only disk as its own SafetensorError
+        raise OSError(f"{path}: could not be written ({error})") from None
 
 
 def write_index(weight_map: dict[str, str], total_bytes: int, directory: Path) -> None:

@@ -18,6 +18,7 @@ stand-in classes (they store their arguments and run nothing) are allowed. Nothi
 `weights_only=False`.
 """
 
+import math
 import pickle
 import re
 from pathlib import Path
@@ -74,15 +75,69 @@ def _inert_class(qualified_name: str):
     return type(name, (), {"__module__": module, "__init__": __init__, "__setstate__": __setstate__})
 
 
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
+_PICKLE_PROTOCOL_OPCODE = 0x80  # the first byte of a legacy (non-zip) torch.save pickle
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _check_is_torch_file(path: Path) -> None:
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: is empty (0 bytes) — not a PyTorch checkpoint; copy the file again")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head != _ZIP_MAGIC and head[0] != _PICKLE_PROTOCOL_OPCODE:  # a broken archive is left to torch.load's message
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle); pass a reference .pt "
+            "or .safetensors file"
+        )
+
+
+def checked_tau(value, path, field: str) -> float:
+    """τ from a checkpoint entry, its metadata or --tau: a finite number > 0."""
+    try:
+        tau = float(value)
+    except (TypeError, ValueError):
+        tau = math.nan
+    if isinstance(value, bool) or not (math.isfinite(tau) and tau > 0):
+        raise CheckpointError(f"{path}: {field} is {value!r}, not a number > 0; pass --tau (0.1 for the released checkpoints)")
+    return tau
+
+
+def model_dtype(state_dict: dict, path) -> torch.dtype:
+    """The one floating dtype of every tensor (the reference casts its whole model); anything else is refused."""
+    first_of = {}
+    for name, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {name!r} is a {type(tensor).__name__}, not a tensor")
+        first_of.setdefault(tensor.dtype, name)
+    for dtype, name in first_of.items():
+        if dtype not in SUPPORTED_DTYPES:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} is {str(dtype).replace('torch.', '')}; model weights must be float32, "
+                "bfloat16 or float16"
+            )
+    if len(first_of) > 1:
+        mixed = ", ".join(f"{name!r} is {str(dtype).replace('torch.', '')}" for dtype, name in first_of.items())
+        raise CheckpointError(f"{path}: tensors mix dtypes ({mixed}); re-save the model in one dtype")
+    return next(iter(first_of), torch.float32)
+
+
 def load_reference_pt(path: Path) -> dict:
     """torch.load(weights_only=True), allowing inert stand-ins for DeepSpeed classes only."""
+    _check_is_torch_file(path)
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
         except Exception:
-            raise CheckpointError(f"{path}: cannot be loaded safely ({str(error).splitlines()[0]})") from None
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})") from None
         foreign = [name for name in unsafe if not name.startswith("deepspeed.")]
         if foreign:
             raise CheckpointError(
@@ -94,9 +149,9 @@ def load_reference_pt(path: Path) -> dict:
             try:
                 return torch.load(str(path), map_location="cpu", weights_only=True)
             except Exception as retry_error:
-                raise CheckpointError(f"{path}: cannot be loaded safely ({retry_error})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(error).splitlines()[0]})") from None
+                raise CheckpointError(f"{path}: cannot be loaded safely ({_first_line(retry_error)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError) as error:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})") from None
 
 
 def read_reference_checkpoint(path, tau: Optional[float] = None) -> tuple[dict, float, dict]:
@@ -116,7 +171,9 @@ def read_reference_checkpoint(path, tau: Optional[float] = None) -> tuple[dict, 
             raise CheckpointError(
                 f"{path}: has no 'tau' in its metadata; pass --tau (0.1 for the released PolyChromaticLM checkpoints)"
             )
-        return state_dict, float(tau if tau is not None else stored_tau), {"format": "safetensors"}
+        if tau is not None:
+            return state_dict, checked_tau(tau, path, "--tau"), {"format": "safetensors"}
+        return state_dict, checked_tau(stored_tau, path, "metadata field 'tau'"), {"format": "safetensors"}
     checkpoint = load_reference_pt(path)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise CheckpointError(f"{path}: has no 'model' state dict — not a PolychromaticLM .pt checkpoint")
@@ -124,7 +181,9 @@ def read_reference_checkpoint(path, tau: Optional[float] = None) -> tuple[dict, 
         raise CheckpointError(f"{path}: has no 'tau' entry; pass --tau explicitly")
     kind = "sft" if "epoch" in checkpoint else "portable"
     metadata = {"format": kind, "step": checkpoint.get("step")}
-    return checkpoint["model"], float(tau if tau is not None else checkpoint["tau"]), metadata
+    if tau is not None:
+        return checkpoint["model"], checked_tau(tau, path, "--tau"), metadata
+    return checkpoint["model"], checked_tau(checkpoint["tau"], path, "entry 'tau'"), metadata
 
 
 def _shape(state_dict, key, path):
@@ -208,7 +267,7 @@ def convert_polychromatic(
     source, destination = Path(source), Path(destination)
     state_dict, tau_value, metadata = read_reference_checkpoint(source, tau)
     dims = infer_reference_config(state_dict, source, max_position_embeddings)
-    dtype = state_dict["embeddings.weight"].dtype
+    dtype = model_dtype(state_dict, source)
     released = dims["vocab_size"] == RELEASED_VOCAB_SIZE
     config = PolyGLUConfig(
         **dims,
@@ -228,7 +287,7 @@ def convert_polychromatic(
         f"Read a {metadata['format']} reference checkpoint: {config.num_hidden_layers} layers, d_model "
         f"{config.hidden_size}, d_ff {config.intermediate_size}, vocab {config.vocab_size}, τ = {tau_value}"
     )
-    with atomic_directory(destination, overwrite=overwrite) as staging:
+    with atomic_directory(destination, overwrite=overwrite, sources=(source, tokenizer)) as staging:
         write_shard(tensors, staging / "model.safetensors")
         write_config_and_remote_code(config, staging)
         if tokenizer is not None:

@@ -253,7 +253,7 @@ def convert_qwen3(
 
     drops_gate = {layer for layer in converted if not _is_gated(config, layer)}
     routers_pending = set(converted)
-    with atomic_directory(destination, overwrite=overwrite) as staging:
+    with atomic_directory(destination, overwrite=overwrite, sources=(source,)) as staging:
         weight_map, total_bytes = {}, 0
         progress = tqdm(shards, desc="Converting shards", unit="shard", disable=len(shards) < 2)
         for shard_index, shard in enumerate(progress):

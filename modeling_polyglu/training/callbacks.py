@@ -141,6 +141,7 @@ class RoutingMonitorCallback(TrainerCallback):
         self.initial_metrics = {}
         self.history: list[dict] = []
         self.alerts: list[dict] = []
+        self.stopped_by: Optional[dict] = None  # the alert that stopped training (--routing_stop_on_alert)
         self.monitor_seconds = 0.0
         self.measurement_seconds: list[float] = []  # the first includes one-time kernel compilation for probe shapes
         self.train_started = None
@@ -199,6 +200,7 @@ class RoutingMonitorCallback(TrainerCallback):
         if resumed:
             # resumed run: compare against the original start, not the checkpoint
             self.snapshot = load_file(str(snapshot_path))
+            self.history = history_from_log(state.log_history, before_step=state.global_step)
             self.initial_metrics = json.loads(metrics_path.read_text())
             metrics, _ = self._measure(model, state.global_step)
         else:
@@ -255,6 +257,7 @@ class RoutingMonitorCallback(TrainerCallback):
                 warnings.warn(f"Routing alert at step {state.global_step}: {message}", stacklevel=2)
             if self.arguments.routing_stop_on_alert:
                 control.should_training_stop = True
+                self.stopped_by = self.stopped_by or self.alerts[-1]
 
 
     def _print_summary(self, step: int, metrics: dict, alerts: list) -> None:
@@ -292,6 +295,19 @@ def keep_routing_keys_off_the_console(trainer) -> None:
             return None
 
         callback.on_log = on_log
+
+
+def history_from_log(log_history: list[dict], before_step: int) -> list[dict]:
+    """The monitor's measurements before `before_step` from a checkpoint's log history (what a resumed run lost)."""
+    history = []
+    for entry in log_history:
+        metrics = {key: value for key, value in entry.items() if key.startswith("routing/")}
+        if metrics and entry.get("step", before_step) < before_step:
+            if history and history[-1]["step"] == entry["step"]:
+                history[-1]["metrics"].update(metrics)
+            else:
+                history.append({"step": entry["step"], "metrics": metrics})
+    return history
 
 
 def add_routing_callbacks(trainer, arguments: RoutingArguments, probe_token_lists, pad_token_id: int):

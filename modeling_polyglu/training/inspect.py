@@ -40,6 +40,9 @@ def inspect_checkpoint(
 
     import modeling_polyglu  # noqa: F401  registers the Auto classes
 
+    if not (Path(model_dir) / "config.json").is_file():  # else transformers would look it up on the Hub
+        problem = "no config.json in it" if Path(model_dir).is_dir() else "no such directory"
+        raise ValueError(f"{model_dir}: {problem}; pass the directory of a saved checkpoint (config.json and weights).")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code).eval()
     unwrap_polyglu_model(model)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)

@@ -250,6 +250,10 @@ def routing_alerts(metrics: dict, initial: dict, collapse_threshold: float = 0.9
     alerts = []
     layers = sorted({key.split("/")[1] for key in metrics if key.startswith("routing/layer_")}, key=lambda s: int(s.split("_")[1]))
     for layer in layers:
+        if metrics.get(f"routing/{layer}/nonfinite", 0.0) > 0:
+            # NaN weights are counted as zeros, whose argmax is the first activation: no collapse or flips from them
+            alerts.append(("nonfinite", f"{layer}: {int(metrics[f'routing/{layer}/nonfinite'])} NaN/inf routing weights"))
+            continue
         shares = {key.rsplit("/", 1)[1]: value for key, value in metrics.items() if key.startswith(f"routing/{layer}/usage_argmax/")}
         if shares:
             name, share = max(shares.items(), key=lambda item: item[1])
@@ -259,8 +263,6 @@ def routing_alerts(metrics: dict, initial: dict, collapse_threshold: float = 0.9
         flip_rate = metrics.get(f"routing/{layer}/flip_rate")
         if flip_rate is not None and flip_rate > flip_rate_threshold:
             alerts.append(("flip_rate", f"{layer}: {flip_rate:.1%} of routing decisions changed since the start"))
-        if metrics.get(f"routing/{layer}/nonfinite", 0.0) > 0:
-            alerts.append(("nonfinite", f"{layer}: {int(metrics[f'routing/{layer}/nonfinite'])} NaN/inf routing weights"))
     return alerts
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from . import safeguards
+
 
 def build_parser():
     from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
@@ -26,7 +28,8 @@ def build_parser():
     from .callbacks import RoutingArguments
 
     parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, RoutingArguments), prog="polyglu sft")
-    defaults = {"report_to": "none", "save_strategy": "no", "logging_steps": 10}
+    # logging_nan_inf_filter=False: a NaN loss is logged as NaN, not replaced by the running mean (0 if all NaN)
+    defaults = {"report_to": "none", "save_strategy": "no", "logging_steps": 10, "logging_nan_inf_filter": False}
     if not torch.cuda.is_available():
         defaults.update(use_cpu=True, bf16=False)
     parser.set_defaults(**defaults)
@@ -37,9 +40,9 @@ def load_training_dataset(name_or_path: str, config_name=None):
     """A DatasetDict from a local JSON/JSONL file or directory, or from the Hub by name."""
     from datasets import load_dataset
 
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.is_file():
-        return load_dataset("json", data_files={"train": str(path)})
+        return _load_json_files({"train": [str(path)]})
     if path.is_dir():
         files = sorted(str(p) for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
         if not files:
@@ -48,8 +51,25 @@ def load_training_dataset(name_or_path: str, config_name=None):
         for file in files:
             split = "test" if Path(file).stem in ("test", "eval", "validation") else "train"
             splits.setdefault(split, []).append(file)
+        return _load_json_files(splits)
+    if safeguards.looks_like_a_local_path(name_or_path):
+        raise ValueError(safeguards.missing_local_dataset_message(name_or_path))
+    try:
+        return load_dataset(name_or_path, name=config_name)
+    except (OSError, ConnectionError) as error:  # DatasetNotFoundError and offline errors are among them
+        raise ValueError(safeguards.unavailable_hub_dataset_message(name_or_path, error)) from None
+
+
+def _load_json_files(splits: dict):
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    files = [file for split_files in splits.values() for file in split_files]
+    safeguards.check_not_empty(files)
+    try:
         return load_dataset("json", data_files=splits)
-    return load_dataset(name_or_path, name=config_name)
+    except DatasetGenerationError as error:
+        raise ValueError(safeguards.malformed_data_message(files, error)) from None
 
 
 def _announce(message: str) -> None:
@@ -105,7 +125,14 @@ def run_sft(script_args, training_args, model_args, routing_args, quiet: bool = 
     from .routing_stats import tokenize_probe, unwrap_polyglu_model
     from .trainer import PolyGLUSFTTrainer
 
+    safeguards.reject_zero_max_steps(training_args.max_steps)
     dataset = load_training_dataset(script_args.dataset_name, script_args.dataset_config)
+    train_split = dataset[script_args.dataset_train_split] if script_args.dataset_train_split in dataset else None
+    if train_split is None:
+        raise ValueError(f"{script_args.dataset_name}: has no '{script_args.dataset_train_split}' split (found {', '.join(dataset)}).")
+    safeguards.check_sft_columns(
+        train_split.column_names, training_args.dataset_text_field, script_args.dataset_name, len(train_split)
+    )
     train, evaluation, probe_examples = _split_probe(dataset, script_args, routing_args, training_args.seed)
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     unwrap_polyglu_model(model)  # a clear error now if this is not a PolyGLU-family model
@@ -136,16 +163,29 @@ def run_sft(script_args, training_args, model_args, routing_args, quiet: bool = 
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer.routing_monitor = add_routing_callbacks(trainer, routing_args, probe_ids, pad_token_id)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json (log history, routing keys included) even when no checkpoint was saved
+    stop = getattr(trainer.routing_monitor, "stopped_by", None)
+    finite = stop is None or safeguards.parameters_are_finite(trainer.model)
+    if finite:
+        trainer.save_model(training_args.output_dir)
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(training_args.output_dir)
+    if stop is not None:
+        raise safeguards.TrainingStoppedOnAlert(safeguards.stop_on_alert_message(stop, training_args.output_dir, finite))
     return trainer
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     script_args, training_args, model_args, routing_args = parser.parse_args_and_config(args=argv)
-    trainer = run_sft(script_args, training_args, model_args, routing_args)
+    try:
+        trainer = run_sft(script_args, training_args, model_args, routing_args)
+    except safeguards.TrainingStoppedOnAlert as stop:
+        print(f"polyglu sft: error: {stop}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"polyglu sft: interrupted; {safeguards.saved_checkpoint_note(training_args.output_dir)}", file=sys.stderr)
+        return 130
     monitor = trainer.routing_monitor
     if trainer.is_world_process_zero():
         print(f"Saved the fine-tuned model to {training_args.output_dir}")

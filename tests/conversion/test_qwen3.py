@@ -198,8 +198,9 @@ def test_existing_destination_needs_overwrite(qwen3_dir, tmp_path, capsys):
     error = _cli_error(capsys, ["convert", "qwen3", "--src", str(qwen3_dir), "--dst", str(destination), "--ffn-type", "la"])
     assert "already exists" in error and "--overwrite" in error
     assert (destination / "keep.txt").read_text() == "mine"
+    (destination / "config.json").write_text("{}")  # a model directory: --overwrite may replace it
     assert main(["convert", "qwen3", "--src", str(qwen3_dir), "--dst", str(destination), "--ffn-type", "la", "--overwrite", "--no-verify"]) == 0
-    assert not (destination / "keep.txt").exists() and (destination / "config.json").is_file()
+    assert not (destination / "keep.txt").exists() and json.loads((destination / "config.json").read_text())["ffn_type"] == "la"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
