@@ -30,7 +30,7 @@ from .checkpoint_io import (
     write_shard,
 )
 from ..configuration_polyglu import FFN_TYPES, PolyGLUConfig
-from .model_card import write_model_card
+from .model_card import hub_id_of, write_model_card
 from ..modeling_polyglu import mixer_spec
 
 QWEN3_CONFIG_KEYS = (
@@ -280,7 +280,7 @@ def convert_qwen3(
             _verify(source, staging, report, probe_file, log)
         write_model_card(
             staging,
-            base_model=str(source_config.get("_name_or_path") or source.name),
+            base_model=hub_id_of(source) or hub_id_of(source_config.get("_name_or_path")),
             config=config,
             title=f"{source.name} retrofitted to {ffn_type}",
             summary=_qwen3_card_summary(report, config),

@@ -126,6 +126,9 @@ def run_sft(script_args, training_args, model_args, routing_args, quiet: bool = 
     from .trainer import PolyGLUSFTTrainer
 
     safeguards.reject_zero_max_steps(training_args.max_steps)
+    from .saving import source_layout
+
+    source_weights = source_layout(model_args.model_name_or_path)  # dtype and shard size to save in, read before training
     dataset = load_training_dataset(script_args.dataset_name, script_args.dataset_config)
     train_split = dataset[script_args.dataset_train_split] if script_args.dataset_train_split in dataset else None
     if train_split is None:
@@ -170,9 +173,27 @@ def run_sft(script_args, training_args, model_args, routing_args, quiet: bool = 
         trainer.save_model(training_args.output_dir)
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(training_args.output_dir)
+            if not model_args.use_peft:  # an adapter directory keeps PEFT's own files
+                _finish_full_model_directory(training_args.output_dir, model_args.model_name_or_path, trainer, source_weights)
     if stop is not None:
         raise safeguards.TrainingStoppedOnAlert(safeguards.stop_on_alert_message(stop, training_args.output_dir, finite))
     return trainer
+
+
+def _finish_full_model_directory(output_dir, source: str, trainer, source_weights: tuple) -> None:
+    """Weights back in the source's dtype (routers fp32) and shard size, and a model card."""
+    from .routing_stats import unwrap_polyglu_model
+    from .saving import resave_like_source, write_training_card
+
+    dtype_name, max_shard_bytes = source_weights
+    resave_like_source(output_dir, dtype_name, max_shard_bytes)
+    config = unwrap_polyglu_model(trainer.model).config
+    steps = trainer.state.global_step
+    write_training_card(
+        output_dir, config, source, f"{Path(source).name} fine-tuned with polyglu sft",
+        f"{steps} steps of supervised fine-tuning (TRL's SFTTrainer through `polyglu sft`); weights saved in "
+        f"{dtype_name or 'the training dtype'}, routers in float32.",
+    )
 
 
 def main(argv=None) -> int:

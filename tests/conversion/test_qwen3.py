@@ -5,6 +5,7 @@ transformers' own Qwen3ForCausalLM (tiny, random, saved locally) is the source a
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,9 +99,11 @@ def test_output_is_a_complete_loadable_repo(qwen3_dir, tmp_path):
             "README.md"} <= names
     card = (tmp_path / "out" / "README.md").read_text()
     front_matter = card.split("---")[1]
-    for key in ("base_model:", "library_name: transformers", "pipeline_tag: text-generation", "tags:"):
+    for key in ("library_name: transformers", "pipeline_tag: text-generation", "tags:"):
         assert key in front_matter
-    assert "trust_remote_code=True" in card and "revision=" in card
+    assert "base_model" not in front_matter  # a local folder name is not a Hub id
+    assert 'AutoTokenizer.from_pretrained("REPO_OR_PATH", trust_remote_code=True)' in card and "revision=" in card
+    assert "| routing τ |" in card and "| activations |" in card and "routing pooling" not in card  # polyglu only
     assert "Verification was skipped" in card
     model = PolyGLUForCausalLM.from_pretrained(tmp_path / "out")
     assert model.model.layers[0].mlp.ffn_type == "moa"
@@ -224,3 +227,11 @@ def test_interrupted_conversion_leaves_nothing_behind(tmp_path, sig):
     assert process.returncode != 0
     assert not destination.exists()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_source_from_the_hub_cache_is_named_by_its_hub_id(qwen3_dir, tmp_path):
+    snapshot = tmp_path / "hub" / "models--Qwen--Qwen3-0.6B" / "snapshots" / "0123abc"
+    shutil.copytree(qwen3_dir, snapshot)
+    convert_qwen3(snapshot, tmp_path / "out", "polyglu", verify=False, **QUIET)
+    front_matter = (tmp_path / "out" / "README.md").read_text().split("---")[1]
+    assert "base_model: Qwen/Qwen3-0.6B" in front_matter

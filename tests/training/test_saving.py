@@ -1,0 +1,85 @@
+"""`polyglu sft` full fine-tuning saves like its source (dtype, shards, routers fp32) and writes a model card."""
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from modeling_polyglu import PolyGLUForCausalLM
+from modeling_polyglu.char_tokenizer import build_chat_tokenizer
+from modeling_polyglu.conversion.qwen3 import convert_qwen3
+from modeling_polyglu.training.saving import _shard_plan, resave_like_source
+from modeling_polyglu.training.sft import build_parser, run_sft
+
+
+def tensors_and_dtypes(directory):
+    found = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            found.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return found
+
+
+@pytest.fixture(scope="module")
+def bf16_sharded_polyglu(tmp_path_factory):
+    root = tmp_path_factory.mktemp("saving")
+    tokenizer = build_chat_tokenizer(["0123456789+=? whatis"])
+    torch.manual_seed(0)
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )).to(torch.bfloat16)
+    qwen3.save_pretrained(root / "qwen3", max_shard_size="40KB")
+    tokenizer.save_pretrained(root / "qwen3")
+    convert_qwen3(root / "qwen3", root / "polyglu", "polyglu", verify=False, log=lambda *a: None)
+    rng = random.Random(0)
+    with open(root / "data.jsonl", "w") as handle:
+        for _ in range(40):
+            a, b = rng.randint(0, 20), rng.randint(0, 20)
+            handle.write(json.dumps({"messages": [{"role": "user", "content": f"what is {a}+{b}?"},
+                                                  {"role": "assistant", "content": str(a + b)}]}) + "\n")
+    return root
+
+
+def test_full_fine_tuning_saves_in_the_source_dtype_and_shards_with_a_card(bf16_sharded_polyglu, tmp_path):
+    source, output = bf16_sharded_polyglu / "polyglu", tmp_path / "out"
+    arguments = [
+        "--model_name_or_path", str(source), "--dataset_name", str(bf16_sharded_polyglu / "data.jsonl"),
+        "--output_dir", str(output), "--max_steps", "2", "--per_device_train_batch_size", "4",
+        "--learning_rate", "1e-2", "--routing_monitor_steps", "0", "--disable_tqdm", "true",
+    ]
+    trainer = run_sft(*build_parser().parse_args_and_config(args=arguments), quiet=True)
+    saved = tensors_and_dtypes(output)
+    assert len(list(output.glob("*.safetensors"))) == len(list(source.glob("*.safetensors"))) > 1
+    assert (output / "model.safetensors.index.json").is_file() and not list(output.glob(".resave-*"))
+    assert all((tensor.dtype == torch.float32) == (".router." in name) for name, tensor in saved.items())
+    trained = dict(trainer.model.named_parameters())
+    for name, tensor in saved.items():  # the trained values, rounded once to the source dtype
+        assert torch.equal(tensor, trained[name].detach().to(tensor.dtype)), name
+    assert json.loads((output / "config.json").read_text())["dtype"] == "bfloat16"
+    card = (output / "README.md").read_text()
+    assert "fine-tuned with polyglu sft" in card and "base_model" not in card.split("---")[1]
+    reloaded = PolyGLUForCausalLM.from_pretrained(output)
+    assert reloaded.model.layers[0].mlp.router.alpha.dtype == torch.float32
+
+
+def test_resave_splits_and_joins_shards(tmp_path):
+    tensors = {f"model.layers.{i}.w": torch.randn(64, 64) for i in range(4)}
+    tensors["model.layers.0.mlp.router.alpha"] = torch.randn(8, 4)
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text("{}")
+    resave_like_source(tmp_path, "float16", max_shard_bytes=2 * 64 * 64 * 2)
+    assert sorted(path.name for path in tmp_path.glob("*.safetensors")) == [
+        "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]
+    saved = tensors_and_dtypes(tmp_path)
+    assert saved["model.layers.0.mlp.router.alpha"].dtype == torch.float32
+    assert torch.equal(saved["model.layers.3.w"], tensors["model.layers.3.w"].half())
+    resave_like_source(tmp_path, None, max_shard_bytes=2**30)
+    assert [path.name for path in tmp_path.glob("*.safetensors")] == ["model.safetensors"]
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    assert _shard_plan([("a", 10), ("b", 30), ("c", 5)], 20) == [["a"], ["b"], ["c"]]
