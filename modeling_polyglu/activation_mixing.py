@@ -27,6 +27,7 @@ saved with it).
 
 import math
 import os
+import sys
 import warnings
 from typing import Callable, NamedTuple, Optional
 
@@ -246,6 +247,7 @@ def _mix_forward_output(gate, up, static_logits, token_logits, activations, tau,
 
 
 _COMPILED = {}
+_COMPILE_ANNOUNCED = []  # the kernel whose first call printed the one-time compilation notice
 
 
 def compilation_enabled(device_type: str) -> bool:
@@ -275,6 +277,10 @@ def _call_kernel(name, function, device_type, *args):
     kernel = _kernel(name, function, device_type)
     if kernel is function:
         return function(*args)
+    if not _COMPILE_ANNOUNCED:  # Inductor's first compilation takes ~20 s and prints nothing
+        _COMPILE_ANNOUNCED.append(name)
+        print("polyglu: compiling the activation-mixing kernels with torch.compile (first forward only, ~20 s; "
+              "Inductor caches them for later runs, POLYGLU_DISABLE_COMPILE=1 runs eagerly).", file=sys.stderr, flush=True)
     try:
         return kernel(*args)
     except Exception as error:  # no C++ compiler, unsupported platform, ...: fall back to eager, once and loudly

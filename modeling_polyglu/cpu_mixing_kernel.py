@@ -681,6 +681,9 @@ def load_library() -> Optional[ctypes.CDLL]:
         manifest = _manifest_path()
         path = _verified_library(manifest)
         if path is None:
+            # the first forward otherwise looks hung for ~20 s
+            print(f"polyglu: building the C++ CPU mixing kernel (once, ~20 s); it is cached in "
+                  f"{os.path.dirname(manifest)} for later runs.", file=sys.stderr, flush=True)
             _build(manifest)
             path = _verified_library(manifest)
             if path is None:
