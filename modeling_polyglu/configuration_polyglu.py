@@ -166,6 +166,9 @@ class PolyGLUConfig(PreTrainedConfig):
         "layers.*.mlp.gate_proj": "colwise",
         "layers.*.mlp.up_proj": "colwise",
         "layers.*.mlp.down_proj": "rowwise",
+        # routers: PolyGLU's α split on d_ff like gate/up; the rest replicated, gradients summed (modeling_polyglu.py)
+        "layers.*.mlp.router": "polyglu_router",
+        "layers.*.mlp.router.alpha": "colwise",
     }
 
     vocab_size: int = 151936

@@ -358,6 +358,8 @@ def in_dtype_of(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 class PolyGLURouter(nn.Module):
     """ℓ[t, j, k] = α[j, k] + β[k] · f(pooled x_t)[k], f = Linear(d→w) → ReLU → Linear(w→K)."""
 
+    neuron_offset = 0  # first d_ff row of this rank's α slice under tensor parallelism (set by the TP style)
+
     def __init__(self, config: PolyGLUConfig, activations):
         super().__init__()
         self.config = config
@@ -398,8 +400,10 @@ class PolyGLURouter(nn.Module):
         static_logits = self.alpha.float()[None, None]  # [1, 1, F, K]
         if self.training and self.config.routing_noise == "gumbel":
             # one draw per sequence, neuron and activation, shared by all tokens (as the reference)
-            noise_shape = (hidden_states.shape[0], 1, *self.alpha.shape)
-            static_logits = static_logits + gumbel_noise(noise_shape, hidden_states.device)
+            # drawn for every d_ff neuron and sliced: under tensor parallelism each rank's share of the unsharded draw
+            noise_shape = (hidden_states.shape[0], 1, self.config.intermediate_size, self.num_activations)
+            noise = gumbel_noise(noise_shape, hidden_states.device)
+            static_logits = static_logits + noise[:, :, self.neuron_offset : self.neuron_offset + self.alpha.shape[0]]
         return static_logits, token_logits
 
 
@@ -486,6 +490,92 @@ class StaticEqualMixing(nn.Module):
 
 
 ROUTER_CLASSES = (PolyGLURouter, TokenRouter, LayerMixingWeights, DynamicGEGLUGate, StaticEqualMixing)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tensor parallelism of the routers (`from_pretrained(..., tp_plan="auto")`; the plan is in configuration_polyglu.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _SumGradientOverRanks(torch.autograd.Function):
+    """Identity forward; the backward sums the gradient over the tensor-parallel group (each rank's is partial)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, gradient):
+        gradient = gradient.contiguous().clone()
+        torch.distributed.all_reduce(gradient, group=ctx.group)
+        return gradient, None
+
+
+def _shard_offset(parameter: torch.Tensor) -> int:
+    """First row of this rank's Shard(0) slice of a DTensor (DTensor splits like torch.chunk); 0 if not sharded."""
+    mesh = getattr(parameter, "device_mesh", None)
+    if mesh is None:
+        return 0
+    sizes = [len(chunk) for chunk in torch.arange(parameter.shape[0]).chunk(mesh.size())]
+    return sum(sizes[: mesh.get_local_rank()])
+
+
+def _router_tensor_parallel_style():
+    """The plan's `polyglu_router` style for every router module, or None where transformers has no TP styles.
+
+    Each rank computes the gate/up columns of its d_ff slice, so a router's output reaches only that slice: the
+    gradients of its replicated parameters (β, proj_in/out, token-router and gate weights) and of its input are
+    partial sums, and are all-reduced. PolyGLU's α is split on d_ff by its own `colwise` entry and used as the local
+    slice. Gumbel noise is drawn for every neuron and sliced, so each rank adds its share of the unsharded draw
+    (the ranks must share their RNG state, as ranks seeded alike do).
+    """
+    try:
+        from transformers.distributed.tensor_parallel import TensorParallelLayer
+    except ImportError:
+        return None
+
+    class RouterTensorParallel(TensorParallelLayer):
+        def install_forward(self, module, mesh):
+            original_forward = module.forward
+            group = mesh.get_group()
+            hooked: dict = {}
+
+            def all_reduce_gradient(parameter):
+                torch.distributed.all_reduce(parameter.grad, group=group)
+
+            def tp_forward(hidden_states, *args, **kwargs):
+                sharded = {name: p for name, p in module.named_parameters(recurse=False) if hasattr(p, "device_mesh")}
+                if torch.is_grad_enabled():
+                    # hooked on first use: loading replaces the parameters that existed when the plan was applied
+                    for name, parameter in module.named_parameters():
+                        if parameter.requires_grad and name not in sharded and hooked.get(name) is not parameter:
+                            parameter.register_post_accumulate_grad_hook(all_reduce_gradient)
+                            hooked[name] = parameter
+                    hidden_states = _SumGradientOverRanks.apply(hidden_states, group)
+                if "alpha" in sharded:
+                    module.neuron_offset = _shard_offset(sharded["alpha"])
+                module._parameters.update({name: parameter.to_local() for name, parameter in sharded.items()})
+                try:
+                    return original_forward(hidden_states, *args, **kwargs)
+                finally:
+                    module._parameters.update(sharded)
+
+            module.forward = tp_forward
+            return module
+
+    return RouterTensorParallel()
+
+
+def _register_router_tensor_parallel_style() -> None:
+    style = _router_tensor_parallel_style()
+    if style is not None:
+        from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
+
+        ALL_PARALLEL_STYLES.register("polyglu_router", style)
+
+
+_register_router_tensor_parallel_style()
 
 
 def mixer_spec(config: PolyGLUConfig, ffn_type: str):

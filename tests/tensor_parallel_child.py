@@ -2,9 +2,10 @@
 
     tensor_parallel_child.py OUTPUT_DIR CHECKPOINT...
 
-Each checkpoint is loaded with `tp_plan="auto"` (gloo on CPU), runs one forward on the saved `input_ids` and one
-backward of the mean logit; rank 0 writes the logits and every parameter's whole gradient (DTensor gradients
-assembled with full_tensor) to OUTPUT_DIR/<checkpoint name>.safetensors.
+Each checkpoint is loaded with `tp_plan="auto"` (gloo on CPU) and runs, in training mode (PolyGLU's Gumbel noise on,
+the RNG seeded alike on every rank), one forward on the saved `input_ids` and one backward of the mean logit; rank 0
+writes the logits and every parameter's whole gradient (DTensor gradients assembled with full_tensor) to
+OUTPUT_DIR/<checkpoint name>.safetensors.
 """
 
 import sys
@@ -26,8 +27,9 @@ def main(output_dir: str, checkpoints: list[str]) -> None:
     dist.init_process_group("gloo")
     for checkpoint in checkpoints:
         model = AutoModelForCausalLM.from_pretrained(checkpoint, tp_plan="auto", dtype=torch.float32)
-        model.eval()  # deterministic routing: no noise, so sharded and unsharded runs compute the same function
+        model.train()
         input_ids = load_file(str(Path(checkpoint) / "inputs.safetensors"))["input_ids"]
+        torch.manual_seed(0)  # the same noise draw on every rank and in the unsharded reference
         logits = model(input_ids=input_ids, use_cache=False).logits
         logits.float().mean().backward()
         results = {"logits": whole(logits)}

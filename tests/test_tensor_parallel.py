@@ -1,9 +1,11 @@
 """Tensor parallelism (`tp_plan="auto"`): two gloo ranks on CPU under torchrun equal the unsharded model.
 
-For each fixed-activation ffn_type (swiglu = Qwen3 included): forward logits (1e-5) and every parameter's gradient
-after one backward (1e-4 relative to the largest entry) equal one unsharded process. q_norm/k_norm are replicated
-with all-reduced gradients, as in Qwen3's plan; without that their gradients are a rank's partial sum
-[test_tensor_parallel_equals_unsharded]. Routed variants have no tensor-parallel plan (see recipes/README.md).
+For every ffn_type (swiglu = Qwen3 included), with routers moved far from their start and in training mode (PolyGLU's
+Gumbel noise on, seeded alike): forward logits (1e-5) and every parameter's gradient after one backward (1e-4
+relative to the largest entry) equal one unsharded process [test_tensor_parallel_equals_unsharded]. This checks the
+plan: q_norm/k_norm replicated with summed gradients (as Qwen3; without it their gradients are one rank's partial
+sum), α split on d_ff, the routers' replicated parameters and inputs with summed gradients, and each rank's noise
+being its slice of the unsharded draw.
 """
 
 import os
@@ -15,17 +17,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from modeling_polyglu import FFN_TYPES
+
 from .training.distributed_runs import free_port
 from .utils import tiny_model
 
-TP_FFN_TYPES = ["swiglu", "geglu", "mlp_gelu"]
 CHILD = Path(__file__).with_name("tensor_parallel_child.py")
 
 
 def test_tensor_parallel_equals_unsharded(tmp_path):
     # tiny-debug has 4 heads and 2 KV heads: each rank gets 2 query heads and 1 KV head, d_ff 64 -> 32
     checkpoints, models, input_ids = [], {}, torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
-    for ffn_type in TP_FFN_TYPES:
+    for ffn_type in FFN_TYPES:
         model = tiny_model(ffn_type=ffn_type, seed=1)
         model.save_pretrained(tmp_path / ffn_type)
         save_file({"input_ids": input_ids}, str(tmp_path / ffn_type / "inputs.safetensors"))
@@ -40,6 +43,8 @@ def test_tensor_parallel_equals_unsharded(tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     for ffn_type, model in models.items():
         sharded = load_file(str(tmp_path / f"{ffn_type}.safetensors"))
+        model.train()
+        torch.manual_seed(0)
         logits = model(input_ids=input_ids, use_cache=False).logits
         logits.mean().backward()
         torch.testing.assert_close(sharded["logits"], logits.detach(), rtol=1e-5, atol=1e-5, msg=lambda m: f"{ffn_type}: {m}")
