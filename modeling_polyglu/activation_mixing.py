@@ -17,14 +17,17 @@ Two implementations with one signature:
 * :func:`mix_activations` (default): an ``autograd.Function`` that saves only g, u and the small coefficient
   tensors and recomputes the activations and weights in backward. fp32 on CPU runs one C++ pass per direction
   (cpu_mixing_kernel.py); other dtypes and devices run the functions below, looping over K in ``[B, T, F]``
-  slices, torch.compile'd where Inductor works (eager otherwise, or with POLYGLU_DISABLE_COMPILE=1);
+  slices, torch.compile'd where Inductor works (eager otherwise, or with POLYGLU_DISABLE_COMPILE=1); routed
+  mixings on CUDA run the Triton programs of triton_mixing_kernel.py where triton is installed, and
+  ``backend="triton"`` (``mixing_backend="triton"``) runs them for every mixing, fixed activations included;
 * :func:`mix_activations_naive`: stacks everything into ``[B, T, F, K]`` and lets autograd differentiate — the
   readable oracle the tests compare the default path against, selectable with ``mixing_backend="naive"``.
 
 This file is part of the remote code saved next to a checkpoint: it imports only torch (and cpu_mixing_kernel.py,
-saved with it).
+saved with it; triton_mixing_kernel.py only on first use, where triton is importable).
 """
 
+import importlib.util
 import math
 import os
 import sys
@@ -299,17 +302,69 @@ def _cpu_kernel_for(gate, up, static_logits, token_logits, activations, normaliz
     return load_cpu_kernel()
 
 
+MIXING_BACKENDS = ("fused", "triton")  # of mix_activations; the model's mixing_backend adds "naive"
+_TRITON = {}
+
+
+def triton_kernel():
+    """triton_mixing_kernel.py's functions as a dict, imported on first use; None where triton is not importable."""
+    if "kernel" not in _TRITON:
+        _TRITON["kernel"] = None
+        if importlib.util.find_spec("triton") is not None:
+            try:  # an import inside try: transformers' remote-code check does not require triton for it
+                from .triton_mixing_kernel import mix_backward, mix_forward, supports, unsupported_reason
+            except ImportError as error:  # a broken triton install: the torch path, with one warning
+                warnings.warn(f"triton is installed but its mixing kernel cannot be imported ({error}); using the "
+                              "torch path.", RuntimeWarning, stacklevel=2)
+            else:
+                _TRITON["kernel"] = {"forward": mix_forward, "backward": mix_backward, "supports": supports,
+                                     "unsupported_reason": unsupported_reason}
+    return _TRITON["kernel"]
+
+
+def _triton_kernel_for(backend, gate, up, static_logits, token_logits, activations, normalization):
+    """The Triton kernel's functions when they run these inputs, else None.
+
+    "fused": routed mixings of CUDA tensors where triton is importable (a fixed activation stays on torch's
+    kernels, as in transformers' models). "triton": every mixing, or an error that names the fix. Inside
+    torch.compile both leave the op to Inductor, which traces the torch functions.
+    """
+    if backend not in MIXING_BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; choose one of {', '.join(map(repr, MIXING_BACKENDS))}.")
+    if torch.compiler.is_compiling():
+        return None
+    if backend == "fused":
+        if gate.device.type != "cuda" or (static_logits is None and token_logits is None):
+            return None
+        kernel = triton_kernel()
+        supported = kernel is not None and kernel["supports"](gate, up, activations, static_logits, token_logits,
+                                                               normalization)
+        return kernel if supported else None
+    kernel = triton_kernel()
+    if kernel is None:
+        raise RuntimeError("mixing_backend='triton' needs the triton package (pip install triton), which is not "
+                           "importable here; use mixing_backend='fused'.")
+    if not kernel["supports"](gate, up, activations, static_logits, token_logits, normalization):
+        raise RuntimeError(kernel["unsupported_reason"](gate, up, activations, static_logits, token_logits,
+                                                        normalization))
+    return kernel
+
+
 class _MixActivationsFunction(torch.autograd.Function):
     """h = u ⊙ Σ_k c_k φ_k(g); saves g, u and the coefficient tensors only, recomputes the rest in backward.
 
-    fp32 on CPU runs the C++ kernel of cpu_mixing_kernel.py; other dtypes and devices run the torch.compile'd
-    (or eager) functions above.
+    The Triton programs where :func:`_triton_kernel_for` picks them (CUDA); fp32 on CPU runs the C++ kernel of
+    cpu_mixing_kernel.py; other dtypes and devices run the torch.compile'd (or eager) functions above.
     """
 
     @staticmethod
-    def forward(ctx, gate, up, static_logits, token_logits, activations, tau, normalization, hard):
+    def forward(ctx, gate, up, static_logits, token_logits, activations, tau, normalization, hard, backend):
         ctx.save_for_backward(gate, up, static_logits, token_logits)
         ctx.config = (activations, tau, normalization, hard)
+        ctx.triton = _triton_kernel_for(backend, gate, up, static_logits, token_logits, activations, normalization)
+        if ctx.triton is not None:
+            ctx.cpu_library = None
+            return ctx.triton["forward"](gate, up, static_logits, token_logits, activations, tau, normalization, hard)
         ctx.cpu_library = _cpu_kernel_for(gate, up, static_logits, token_logits, activations, normalization)
         if ctx.cpu_library is not None:
             return cpu_mix_forward(
@@ -325,7 +380,10 @@ class _MixActivationsFunction(torch.autograd.Function):
         gate, up, static_logits, token_logits = ctx.saved_tensors
         activations, tau, normalization, hard = ctx.config
         needs = tuple(ctx.needs_input_grad[:4])
-        if ctx.cpu_library is not None and grad_out.dtype == torch.float32:
+        if ctx.triton is not None:
+            grads = ctx.triton["backward"](grad_out, gate, up, static_logits, token_logits, activations, tau,
+                                           normalization, hard, needs)
+        elif ctx.cpu_library is not None and grad_out.dtype == torch.float32:
             grads = cpu_mix_backward(
                 ctx.cpu_library, grad_out, gate, up, static_logits, token_logits, activations, tau, normalization,
                 hard, needs,
@@ -335,7 +393,7 @@ class _MixActivationsFunction(torch.autograd.Function):
                 grad_out.contiguous(), gate, up, static_logits, token_logits, activations, tau, normalization, hard,
                 needs,
             )
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def mix_activations(
@@ -347,6 +405,7 @@ def mix_activations(
     tau: float = 1.0,
     normalization: str = "softmax",
     hard: bool = False,
+    backend: str = "fused",
 ) -> torch.Tensor:
     """``u ⊙ Σ_k c_k φ_k(g)`` (or without ``u``), recomputing the activations in backward.
 
@@ -359,11 +418,14 @@ def mix_activations(
         tau: softmax temperature (softmax normalisation only).
         normalization: ``"softmax"`` or ``"linear"``.
         hard: one-hot argmax weights in forward (softmax only); gradients of the soft weights (straight-through).
+        backend: ``"fused"`` (the kernel that fits the inputs) or ``"triton"`` (the Triton programs, or an error).
     """
     activations = tuple(activations)
     _check_inputs(gate, activations, static_logits, token_logits, normalization)
     k_major = [None if t is None else t.movedim(-1, 0).contiguous() for t in (static_logits, token_logits)]
-    return _MixActivationsFunction.apply(gate, up, *k_major, activations, float(tau), normalization, bool(hard))
+    return _MixActivationsFunction.apply(
+        gate, up, *k_major, activations, float(tau), normalization, bool(hard), backend
+    )
 
 
 def mix_activations_grouped(gate: torch.Tensor, up: Optional[torch.Tensor], activations: tuple[str, ...],

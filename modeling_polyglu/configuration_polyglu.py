@@ -66,7 +66,7 @@ ROUTING_POOLINGS = ("causal", "sequence", "token")
 ROUTING_NOISES = ("gumbel", "none")
 DUALGLU_MIXINGS = ("dynamic", "learned_static", "static_equal")
 MIXER_FORMS = ("gated", "plain")
-MIXING_BACKENDS = ("fused", "naive")
+MIXING_BACKENDS = ("fused", "triton", "naive")
 
 
 def _choice(name, value, allowed):
@@ -150,7 +150,9 @@ class PolyGLUConfig(PreTrainedConfig):
 
     Implementation:
         mixing_backend (`str`, defaults to `"fused"`): "fused" (recomputes activations in backward, never stores a
-            [B, T, d_ff, K] tensor) or "naive" (plain autograd over stacked activations, for debugging).
+            [B, T, d_ff, K] tensor; on CUDA the Triton kernel where triton is installed), "triton" (that kernel
+            for every FFN, fixed activations included; CUDA only — on CPU only in Triton's interpreter,
+            TRITON_INTERPRET=1) or "naive" (plain autograd over stacked activations, for debugging).
     """
 
     model_type = "polyglu"

@@ -52,6 +52,9 @@ import torch
 ACTIVATION_CODES = {"relu": 0, "tanh": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4, "sigmoid": 5, "identity": 6}
 MAX_ACTIVATIONS = 8
 SMALLEST_WEIGHT = 8.75651076e-27  # e^-60: the floor of every softmax weight (a smaller one changes nothing in fp32)
+# PolyGLU's factor tables: exp(max(x, FACTOR_FLOOR)) · FACTOR_SCALE (2^60); the C++ source spells the same numbers
+FACTOR_FLOOR = -84.0
+FACTOR_SCALE = 2.0 ** 60
 
 _SOURCE = r"""
 #include <ATen/cpu/vec/vec.h>
@@ -706,23 +709,31 @@ def uses_neuron_table(static_logits: Optional[torch.Tensor], normalization: str)
     return static_logits is not None and static_logits.shape[-1] > 1 and normalization == "softmax"
 
 
+def layout_supported(gate, activations, static_logits, token_logits, normalization) -> bool:
+    """The mixings the kernels take (this one and triton_mixing_kernel.py): at most MAX_ACTIVATIONS known
+    activations, and coefficients that are per row or PolyGLU's per-neuron softmax (logits K-major:
+    [K, S, 1, Fs], [K, B, T, 1]), or none (one fixed activation)."""
+    per_neuron_linear = static_logits is not None and static_logits.shape[-1] > 1 and normalization == "linear"
+    return (
+        _broadcasts(static_logits, token_logits, gate.shape)
+        and 1 <= len(activations) <= MAX_ACTIVATIONS
+        and all(name in ACTIVATION_CODES for name in activations)
+        and gate.numel() > 0
+        and not per_neuron_linear
+    )
+
+
 def supports(gate, up, activations, static_logits, token_logits, normalization) -> bool:
-    """Can the kernel take these inputs? fp32 CPU activations, at most MAX_ACTIVATIONS known activations, and
-    coefficients that are per row or PolyGLU's per-neuron softmax (logits K-major: [K, S, 1, Fs], [K, B, T, 1]).
+    """Can the kernel take these inputs? fp32 CPU activations, routed, in a layout of :func:`layout_supported`.
 
     A single fixed activation (SwiGLU, GeGLU, ...) is left to torch's own kernels, which keep those variants equal
     to transformers' models to the last bit.
     """
     tensors = [t for t in (gate, up) if t is not None]
-    per_neuron_linear = static_logits is not None and static_logits.shape[-1] > 1 and normalization == "linear"
     return (
         (static_logits is not None or token_logits is not None)
-        and _broadcasts(static_logits, token_logits, gate.shape)
         and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-        and 1 <= len(activations) <= MAX_ACTIVATIONS
-        and all(name in ACTIVATION_CODES for name in activations)
-        and gate.numel() > 0
-        and not per_neuron_linear
+        and layout_supported(gate, activations, static_logits, token_logits, normalization)
     )
 
 
@@ -755,11 +766,11 @@ def _codes(activations: tuple) -> torch.Tensor:
     return torch.tensor([ACTIVATION_CODES[name] for name in activations], dtype=torch.int32)
 
 
-def _row_coefficients(static_logits, token_logits, batch, length, tau, normalization, hard):
+def row_coefficients(static_logits, token_logits, batch, length, tau, normalization, hard):
     """(applied [K, R], soft [K, R] or None if linear) when the coefficients are constant along each row."""
     parts = [t.float() for t in (static_logits, token_logits) if t is not None]
     num = parts[0].shape[0]
-    logits = torch.zeros(num, batch, length, 1, dtype=torch.float32)
+    logits = torch.zeros(num, batch, length, 1, dtype=torch.float32, device=parts[0].device)
     for part in parts:
         logits = logits + part  # [K, S, 1, 1] or [K, B, T, 1]
     logits = logits.reshape(num, batch * length)
@@ -772,7 +783,7 @@ def _row_coefficients(static_logits, token_logits, batch, length, tau, normaliza
     return applied, soft
 
 
-def _neuron_token_logits(static_logits, token_logits, batch, length):
+def neuron_token_logits(static_logits, token_logits, batch, length):
     """PolyGLU's logits in the kernel's layouts: static [K, S, F] and token [K, R] (or None), fp32, contiguous."""
     num = static_logits.shape[0]
     static = static_logits.float().reshape(num, -1).contiguous()
@@ -797,14 +808,14 @@ def mix_forward(library, gate, up, static_logits, token_logits, activations, tau
     out = torch.empty_like(gate)
     codes, num, threads = _codes(activations), len(activations), torch.get_num_threads()
     if uses_neuron_table(static_logits, normalization):
-        static, token, sequences = _neuron_token_logits(static_logits, token_logits, batch, length)
+        static, token, sequences = neuron_token_logits(static_logits, token_logits, batch, length)
         _check(library.polyglu_neuron_token_forward(
             _pointer(gate), _pointer(up), _pointer(out), _pointer(codes), ctypes.c_int64(num), _pointer(static),
             _pointer(token), ctypes.c_int64(sequences), ctypes.c_int64(batch * length), ctypes.c_int64(length),
             ctypes.c_int64(width), ctypes.c_float(1.0 / tau), ctypes.c_int32(int(hard)), ctypes.c_int32(threads),
         ), "polyglu_neuron_token_forward")
     else:
-        applied, _ = _row_coefficients(static_logits, token_logits, batch, length, tau, normalization, hard)
+        applied, _ = row_coefficients(static_logits, token_logits, batch, length, tau, normalization, hard)
         _check(library.polyglu_rowwise_forward(
             _pointer(gate), _pointer(up), _pointer(out), _pointer(codes), ctypes.c_int64(num), _pointer(applied),
             ctypes.c_int64(batch * length), ctypes.c_int64(width), ctypes.c_int32(threads),
@@ -825,7 +836,7 @@ def mix_backward(library, grad_out, gate, up, static_logits, token_logits, activ
     needs_token = token_logits is not None and needs[3]
     codes = _codes(activations)
     if uses_neuron_table(static_logits, normalization):
-        static, token, sequences = _neuron_token_logits(static_logits, token_logits, batch, length)
+        static, token, sequences = neuron_token_logits(static_logits, token_logits, batch, length)
         rows_per_block = _rows_per_block(batch, length, threads)
         num_blocks = batch * -(-length // rows_per_block)
         static_partial = gate.new_empty(num_blocks, num, width) if needs_static else None
@@ -837,33 +848,53 @@ def mix_backward(library, grad_out, gate, up, static_logits, token_logits, activ
             ctypes.c_int64(width), ctypes.c_float(1.0 / tau), ctypes.c_int32(int(hard)),
             ctypes.c_int64(rows_per_block), ctypes.c_int32(threads),
         ), "polyglu_neuron_token_backward")
-        grad_static = None
-        if static_partial is not None:
-            per_sequence = static_partial.view(batch, -1, num, width).sum(dim=1)  # [B, K, F]
-            if sequences == 1:
-                per_sequence = per_sequence.sum(dim=0, keepdim=True)
-            grad_static = per_sequence.permute(1, 0, 2).unsqueeze(2)  # [K, S, 1, F]
-        row_grads = token_grad
+        grad_static = None if static_partial is None else static_gradient_from_blocks(static_partial, batch, sequences)
+        grad_static, grad_token = assemble_logit_gradients(token_grad, grad_static, static_logits, token_logits,
+                                                           needs_token, batch, length)
     else:
-        applied, soft = _row_coefficients(static_logits, token_logits, batch, length, tau, normalization, hard)
+        applied, soft = row_coefficients(static_logits, token_logits, batch, length, tau, normalization, hard)
         products = gate.new_empty(num, rows) if needs_static or needs_token else None
         _check(library.polyglu_rowwise_backward(
             _pointer(grad_out), _pointer(gate), _pointer(up), _pointer(grad_gate), _pointer(grad_up),
             _pointer(products), _pointer(codes), ctypes.c_int64(num), _pointer(applied), _pointer(soft),
             ctypes.c_int64(rows), ctypes.c_int64(width), ctypes.c_int32(threads),
         ), "polyglu_rowwise_backward")
-        row_grads = grad_static = None
-        if products is not None:
-            # linear: Σ_f (dy ⊙ u) φ_k; softmax: w_k Σ_f (dy ⊙ u)(φ_k - Σ_j w_j φ_j) / τ
-            row_grads = products if normalization == "linear" else soft * products / tau
-            if needs_static:
-                per_sequence = row_grads.view(num, batch, length).sum(dim=2)  # [K, B]
-                if static_logits.shape[1] == 1:
-                    per_sequence = per_sequence.sum(dim=1, keepdim=True)
-                grad_static = per_sequence.view(num, -1, 1, 1)
+        grad_static, grad_token = assemble_logit_gradients(
+            products, None, static_logits, token_logits, needs_token, batch, length,
+            soft=soft if normalization == "softmax" else None, tau=tau, static_from_rows=needs_static)
+    return grad_gate, grad_up, grad_static, grad_token
+
+
+def static_gradient_from_blocks(block_sums, batch, sequences):
+    """The per-neuron logit gradient [K, S, 1, F] from per-block column sums [B · blocks, K, F] (or
+    [B, blocks, K, F]; blocks in sequence order, none straddling two sequences)."""
+    num, width = block_sums.shape[-2:]
+    per_sequence = block_sums.reshape(batch, -1, num, width).sum(dim=1)  # [B, K, F]
+    if sequences == 1:
+        per_sequence = per_sequence.sum(dim=0, keepdim=True)
+    return per_sequence.permute(1, 0, 2).unsqueeze(2)
+
+
+def assemble_logit_gradients(row_sums, grad_static, static_logits, token_logits, needs_token, batch, length,
+                             soft=None, tau=1.0, static_from_rows=False):
+    """(grad_static, grad_token) in the logits' shapes and dtypes from a kernel's reductions.
+
+    row_sums [K, R] (or None): per-row sums of the logit gradient; for row-wise softmax coefficients ``soft``
+    [K, R], sums of (dy ⊙ u)(φ_k - Σ_j w_j φ_j), scaled here by w_k / τ (linear ones: sums of (dy ⊙ u) φ_k, the
+    gradient itself). With ``static_from_rows`` (coefficients constant along each row) they also give the static
+    gradient; otherwise ``grad_static`` [K, S, 1, F] comes from the column sums, or is None.
+    """
+    row_grads = row_sums if row_sums is None or soft is None else soft * row_sums / tau
+    if static_from_rows:
+        num = row_grads.shape[0]
+        per_sequence = row_grads.view(num, batch, length).sum(dim=2)  # [K, B]
+        if static_logits.shape[1] == 1:
+            per_sequence = per_sequence.sum(dim=1, keepdim=True)
+        grad_static = per_sequence.view(num, -1, 1, 1)
     grad_token = None
     if needs_token:  # summed over the dimensions the token logits broadcast along
+        num = row_grads.shape[0]
         grad_token = row_grads.view(num, batch, length, 1).sum_to_size(token_logits.shape).to(token_logits.dtype)
     if grad_static is not None:
         grad_static = grad_static.sum_to_size(static_logits.shape).to(static_logits.dtype)
-    return grad_gate, grad_up, grad_static, grad_token
+    return grad_static, grad_token

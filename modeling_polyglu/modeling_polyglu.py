@@ -203,9 +203,10 @@ class PolyGLUAttention(nn.Module):
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
-        implementation = self.config._attn_implementation or "eager"
-        attention_interface: Callable = (
-            eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+        # One plain lookup ("eager" is not registered, so it falls back to eager_attention_forward): vLLM's
+        # Transformers backend finds the attention call by reading this source and replaces the implementation.
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation or "eager", eager_attention_forward
         )
         attn_output, attn_weights = attention_interface(
             self,
@@ -638,8 +639,11 @@ class PolyGLUMLP(nn.Module):
             # the choice is per neuron (or per layer): evaluate one activation per neuron
             mixed = mix_activations_grouped(pre_activation, up, self.activations, static_logits)
         else:
-            mix = mix_activations if self.config.mixing_backend == "fused" else mix_activations_naive
-            mixed = mix(pre_activation, up, self.activations, static_logits, token_logits, tau, normalization, hard)
+            mix_arguments = (pre_activation, up, self.activations, static_logits, token_logits, tau, normalization, hard)
+            if self.config.mixing_backend == "naive":
+                mixed = mix_activations_naive(*mix_arguments)
+            else:  # "fused" or "triton"
+                mixed = mix_activations(*mix_arguments, backend=self.config.mixing_backend)
         output = self.down_proj(mixed)
         if not output_routing_weights:
             return output
@@ -805,6 +809,7 @@ class PolyGLUCausalLMOutputWithPast(CausalLMOutputWithPast):
 # the files save_pretrained copies next to a checkpoint (this file and its relative imports, flattened)
 REMOTE_CODE_FILES = (
     "configuration_polyglu.py", "modeling_polyglu.py", "activation_mixing.py", "cpu_mixing_kernel.py",
+    "triton_mixing_kernel.py",
 )
 REMOTE_CODE_AUTO_MAP = {
     "AutoConfig": "configuration_polyglu.PolyGLUConfig",
@@ -919,9 +924,36 @@ def routing_parameters_kept_in_fp32(model: nn.Module) -> list[str]:
     return ["router"] if any(".router." in name for name, _ in model.named_parameters()) else []
 
 
+# The attention implementations vLLM's Transformers backend sets on the config of a model it builds.
+VLLM_ATTENTION_IMPLEMENTATIONS = frozenset({"vllm", "vllm_mla"})
+PER_REQUEST_ROUTING = {
+    "causal": "a running mean over each request's earlier tokens",
+    "sequence": "the mean over the whole sequence, later tokens included",
+}
+
+
+def refuse_per_request_routing_under_vllm(config: PolyGLUConfig) -> None:
+    """Raise when vLLM builds a model whose PolyGLU routing needs per-request state.
+
+    vLLM flattens the requests of a step into one row and passes no cache: causal pooling's running mean would be
+    lost between decoding steps and chunks and pooled across requests, and sequence pooling needs tokens not yet
+    generated. Both would serve wrong outputs without an error, so loading fails instead.
+    """
+    if config._attn_implementation not in VLLM_ATTENTION_IMPLEMENTATIONS or config.routing_pooling not in PER_REQUEST_ROUTING:
+        return
+    if any(config.ffn_type_of_layer(i) == "polyglu" for i in range(config.num_hidden_layers)):
+        raise ValueError(
+            f"vLLM cannot serve this model: its PolyGLU layers route with routing_pooling="
+            f"{config.routing_pooling!r}, which depends on {PER_REQUEST_ROUTING[config.routing_pooling]}, and "
+            "vLLM's Transformers backend keeps no such state per request, so it would serve wrong outputs. Serve "
+            "it with transformers (model.generate), or serve a model trained with routing_pooling='token'."
+        )
+
+
 class PolyGLUModel(PolyGLUPreTrainedModel):
     def __init__(self, config: PolyGLUConfig):
         super().__init__(config)
+        refuse_per_request_routing_under_vllm(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)

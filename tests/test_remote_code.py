@@ -1,6 +1,7 @@
 """Saved checkpoints load with trust_remote_code in a fresh interpreter where modeling_polyglu is not importable."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -11,7 +12,17 @@ from .utils import tiny_model
 
 REMOTE_FILES = {
     "configuration_polyglu.py", "modeling_polyglu.py", "activation_mixing.py", "cpu_mixing_kernel.py",
+    "triton_mixing_kernel.py",
 }
+
+
+def environment_without_triton(directory) -> dict:
+    """The child's environment with `import triton` failing: the remote code must not need it (GPU kernel only)."""
+    directory.mkdir()
+    (directory / "sitecustomize.py").write_text('import sys\nsys.modules["triton"] = None  # "not installed"\n')
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    environment["PYTHONPATH"] = os.pathsep.join(p for p in [str(directory), environment.get("PYTHONPATH")] if p)
+    return environment
 
 
 @pytest.mark.parametrize("ffn_type", ["polyglu", "moa"])
@@ -25,7 +36,7 @@ def test_fresh_process_loads_saved_model_with_identical_logits(tmp_path, ffn_typ
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"}
 
     input_ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
-    remote_logits, info = load_in_fresh_process(tmp_path, input_ids)
+    remote_logits, info = load_in_fresh_process(tmp_path, input_ids, env=environment_without_triton(tmp_path / "env"))
     with torch.no_grad():
         local_logits = model(input_ids, use_cache=False).logits
     print(f"remote-code {ffn_type}: max|Δlogit| = {(remote_logits - local_logits).abs().max().item():.2e}")

@@ -3,7 +3,9 @@
 `save_pretrained` copies REMOTE_CODE_FILES next to every checkpoint and transformers follows only their relative
 imports of flat siblings (`from .x import ...`). An import of anything else — a tool module of this package, or a
 library a user without `polyglu` may lack — would break loading with trust_remote_code, so the imports are read
-from the source (every `import`, also inside functions) rather than trusted.
+from the source (every `import`, also inside functions) rather than trusted. The one exception is an optional
+library (triton, for the GPU kernel) imported inside a `try` block: transformers' import check skips those, and the
+file that needs it is imported only where it is installed.
 """
 
 import ast
@@ -16,14 +18,19 @@ from modeling_polyglu import modeling_polyglu as model_module
 from modeling_polyglu.modeling_polyglu import REMOTE_CODE_FILES
 
 ALLOWED_LIBRARIES = {"torch", "transformers"}
+OPTIONAL_LIBRARIES = {"triton"}  # only inside `try` blocks
 PACKAGE_ROOT = Path(model_module.__file__).resolve().parent
 SIBLING_MODULES = {Path(name).stem for name in REMOTE_CODE_FILES}
 
 
 def _forbidden_imports(source: str) -> list[str]:
-    """Every import in `source` that is not stdlib, torch, transformers or `from .<sibling> import`."""
+    """Every import in `source` that is not stdlib, torch, transformers, `from .<sibling> import` or an optional
+    library inside a `try` block."""
     forbidden = []
-    for node in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    guarded = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.Try)
+               for statement in node.body for inner in ast.walk(statement)}
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
@@ -37,7 +44,8 @@ def _forbidden_imports(source: str) -> list[str]:
             continue
         for name in names:
             top = name.split(".")[0]
-            if top not in sys.stdlib_module_names and top not in ALLOWED_LIBRARIES:
+            optional = top in OPTIONAL_LIBRARIES and id(node) in guarded
+            if top not in sys.stdlib_module_names and top not in ALLOWED_LIBRARIES and not optional:
                 forbidden.append(f"line {node.lineno}: {name}")
     return forbidden
 
@@ -54,10 +62,12 @@ def test_the_check_catches_tool_imports():
         "import os\nimport torch\nfrom transformers import PreTrainedConfig\nfrom .activation_mixing import ACTIVATIONS\n"
         "from .conversion.qwen3 import convert_qwen3\nfrom . import presets\nimport safetensors\n"
         "def later():\n    from modeling_polyglu.training import sft\n"
+        "try:\n    import triton\nexcept ImportError:\n    pass\nimport triton.language\n"
     )
     assert _forbidden_imports(source) == [
         "line 5: from .conversion.qwen3 import ...",
         "line 6: from . import ...",
         "line 7: safetensors",
-        "line 9: modeling_polyglu.training",
+        "line 14: triton.language",  # outside the try block
+        "line 9: modeling_polyglu.training",  # ast.walk visits the top level first
     ]

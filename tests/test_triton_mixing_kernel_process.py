@@ -1,0 +1,63 @@
+"""The Triton kernel's checks that need a process of their own: the interpreter run and the GPU compile.
+
+* test_triton_mixing_kernel.py in Triton's interpreter: a child pytest started with TRITON_INTERPRET=1 (the
+  variable must be set before triton is first imported, which importing this package does); on a CUDA machine, or
+  in a session started with the variable, that module runs in this process instead;
+* every program compiled for sm_90 (Hopper) by triton_compile_child.py, without a GPU: what the interpreter lets
+  through (static types, constexpr control flow, register allocation) fails there.
+
+That a checkpoint loads where triton cannot be imported is checked by test_remote_code.py.
+
+Skipped without triton (or numpy) unless POLYGLU_REQUIRE_TRITON=1.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+INTERPRETER_NEEDED = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+
+_missing = [name for name in ("triton", "numpy") if importlib.util.find_spec(name) is None]
+if _missing:
+    if os.environ.get("POLYGLU_REQUIRE_TRITON", "0") not in ("", "0"):
+        raise ImportError(f"POLYGLU_REQUIRE_TRITON=1 but {', '.join(_missing)} cannot be imported")
+    pytest.skip(f"{', '.join(_missing)} not installed", allow_module_level=True)
+
+
+def child_environment(**changes) -> dict:
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    environment["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO_ROOT), environment.get("PYTHONPATH")] if p)
+    environment.update(changes)
+    return environment
+
+
+@pytest.mark.skipif(not INTERPRETER_NEEDED, reason="test_triton_mixing_kernel.py runs in this process")
+def test_the_kernel_tests_pass_in_tritons_interpreter():
+    completed = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_mixing_kernel.py"],
+        capture_output=True, text=True, cwd=REPO_ROOT, env=child_environment(TRITON_INTERPRET="1"), timeout=900,
+    )
+    summary = completed.stdout.strip().splitlines()[-1] if completed.stdout.strip() else ""
+    print(f"interpreter child: {summary}")
+    assert completed.returncode == 0, completed.stdout[-6000:] + completed.stderr[-2000:]
+    assert " passed" in summary and "skipped" not in summary, summary
+
+
+def test_the_programs_compile_for_hopper_without_a_gpu():
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tests" / "triton_compile_child.py"), "90", "--only", "polyglu,moa"],
+        capture_output=True, text=True, env=child_environment(), timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    compiled = {name for _, name, _ in report["compiled"]}
+    assert {"forward polyglu", "forward polyglu hard", "backward polyglu", "backward polyglu hard",
+            "forward moa (row-wise)", "backward moa (row-wise softmax)"} <= compiled
+    assert all(size > 0 for _, _, size in report["compiled"])
