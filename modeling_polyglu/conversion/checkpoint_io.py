@@ -111,8 +111,13 @@ def copy_tokenizer_and_generation_config(source: Path, destination: Path) -> lis
 
 
 def write_config_and_remote_code(config, destination: Path) -> None:
-    """config.json with an auto_map for every Auto class, plus the model's own .py files (flat, as transformers does)."""
+    """config.json with an auto_map for every Auto class, plus the model's own .py files (flat, as transformers does).
+
+    `architectures` names the causal LM the weights are (what save_pretrained writes); serving engines such as
+    vLLM pick the model class from it.
+    """
     config.auto_map = dict(REMOTE_CODE_AUTO_MAP)
+    config.architectures = [REMOTE_CODE_AUTO_MAP["AutoModelForCausalLM"].rsplit(".", 1)[1]]
     config.to_json_file(str(destination / "config.json"))
     package = Path(__file__).resolve().parent.parent  # the package root, where the model files stand
     for name in REMOTE_CODE_FILES:

