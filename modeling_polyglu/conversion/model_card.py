@@ -69,7 +69,8 @@ def write_model_card(directory: Path, base_model: Optional[str], config: PolyGLU
 ## Loading
 
 This repository carries its own model code (`modeling_polyglu.py`, `configuration_polyglu.py`,
-`activation_mixing.py`, `cpu_mixing_kernel.py`), so it loads without installing anything beyond transformers:
+`activation_mixing.py`, `cpu_mixing_kernel.py`, `triton_mixing_kernel.py`), so it loads without installing anything
+beyond transformers (the GPU kernel uses triton where it is installed):
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
