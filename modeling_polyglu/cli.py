@@ -141,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
         "sft", add_help=False,
         help="Fine-tune with TRL's SFTTrainer plus routing monitoring (`polyglu sft --help` lists the arguments).",
     )
+    subparsers.add_parser(
+        "pretrain", add_help=False,
+        help="Pretrain a preset or config from scratch with the HF Trainer (`polyglu pretrain --help`).",
+    )
+    subparsers.add_parser(
+        "compare", add_help=False,
+        help="From-scratch comparison of ffn types over seeds with paired confidence intervals (`polyglu compare --help`).",
+    )
     return parser
 
 
@@ -193,6 +201,15 @@ def main(argv=None) -> int:
         except OSError as error:
             print(f"polyglu sft: error: {describe_os_error(error)}", file=sys.stderr)
             return 1
+    if argv[:1] in (["pretrain"], ["compare"]):  # their own parsers (TrainingArguments flags, --config YAML files)
+        from .training.compare import main as compare_main
+        from .training.pretrain import main as pretrain_main
+
+        try:
+            return (pretrain_main if argv[0] == "pretrain" else compare_main)(argv[1:])
+        except ValueError as error:
+            print(f"polyglu {argv[0]}: error: {error}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     _unwind_on_sigterm()
     try:

@@ -9,8 +9,12 @@ from trl import SFTTrainer
 from .engines import RoutersSavedInFp32Mixin, is_router_parameter
 
 
-class PolyGLUSFTTrainer(RoutersSavedInFp32Mixin, SFTTrainer):
-    """SFTTrainer whose optimizer never applies weight decay to router parameters, and which saves them in fp32."""
+class RouterNoDecayMixin:
+    """For any Trainer subclass: the optimizer never applies weight decay to router parameters."""
 
     def get_decay_parameter_names(self, model) -> list[str]:
         return [name for name in super().get_decay_parameter_names(model) if not is_router_parameter(name)]
+
+
+class PolyGLUSFTTrainer(RouterNoDecayMixin, RoutersSavedInFp32Mixin, SFTTrainer):
+    """SFTTrainer whose optimizer never applies weight decay to router parameters, and which saves them in fp32."""
