@@ -50,8 +50,9 @@ def _read_in_row_chunks(shard: Path, name: str, dtype: torch.dtype) -> torch.Ten
     return result
 
 
-def read_tensors(names, locations: dict[str, Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The named tensors, cast to `dtype`; tensors over CHUNK_BYTES are read in row chunks (embeddings, head)."""
+def read_tensors(names, locations: dict[str, Path], dtype: torch.dtype, pool: Optional["BufferPool"] = None) -> dict[str, torch.Tensor]:
+    """The named tensors, cast to `dtype` (into `pool`'s buffers if given); tensors over CHUNK_BYTES are read in row
+    chunks (embeddings, head)."""
     by_shard: dict[Path, list[str]] = {}
     for name in names:
         if name not in locations:
@@ -64,6 +65,8 @@ def read_tensors(names, locations: dict[str, Path], dtype: torch.dtype) -> dict[
                 shape = handle.get_slice(name).get_shape()
                 if math.prod(shape) * 4 > CHUNK_BYTES:
                     large.append((shard, name))
+                elif pool is not None:
+                    tensors[name] = pool.take(shape, dtype).copy_(handle.get_tensor(name))
                 else:
                     tensors[name] = handle.get_tensor(name).to(dtype)
     for shard, name in large:
@@ -71,11 +74,28 @@ def read_tensors(names, locations: dict[str, Path], dtype: torch.dtype) -> dict[
     return tensors
 
 
-def _to_meta(module: torch.nn.Module) -> None:
-    """Replace every parameter of `module` by a meta tensor of its shape, freeing the storage."""
+class BufferPool:
+    """Storage for one layer's weights, reused layer after layer: allocating and freeing ~60 MB per layer grows the
+    allocator's heap (glibc keeps freed blocks below its mmap threshold), and resident memory with it."""
+
+    def __init__(self):
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+
+    def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        stack = self.free.get((tuple(shape), dtype))
+        return stack.pop() if stack else torch.empty(tuple(shape), dtype=dtype)
+
+    def give_back(self, tensor: torch.Tensor) -> None:
+        self.free.setdefault((tuple(tensor.shape), tensor.dtype), []).append(tensor)
+
+
+def _to_meta(module: torch.nn.Module, pool: Optional[BufferPool] = None) -> None:
+    """Replace every parameter of `module` by a meta tensor of its shape; its storage goes back to `pool`."""
     for submodule in module.modules():
         for name, parameter in list(submodule._parameters.items()):
             if parameter is not None:
+                if pool is not None and not parameter.is_meta:
+                    pool.give_back(parameter.detach())
                 submodule._parameters[name] = torch.nn.Parameter(
                     torch.empty_like(parameter, device="meta"), requires_grad=parameter.requires_grad
                 )
@@ -105,6 +125,7 @@ class LayerStreamedCausalLM:
         self.layer_inputs: list[Optional[tuple]] = [None] * len(self.layers)
         self.final_hidden: Optional[torch.Tensor] = None
         self.keep_loaded = False
+        self.pool = BufferPool()
         for index, layer in enumerate(self.layers):
             layer.register_forward_pre_hook(self._before_layer(index), with_kwargs=True)
             layer.register_forward_hook(self._after_layer)
@@ -125,7 +146,7 @@ class LayerStreamedCausalLM:
         layer = self.layers[index]
         prefix = f"{LAYER_PREFIX}{index}."
         names = [prefix + name for name in layer.state_dict()]
-        tensors = read_tensors(names, self.locations, self.dtype)
+        tensors = read_tensors(names, self.locations, self.dtype, self.pool)
         layer.load_state_dict({name[len(prefix):]: tensor for name, tensor in tensors.items()}, strict=True, assign=True)
 
     def _before_layer(self, index: int):
@@ -137,7 +158,7 @@ class LayerStreamedCausalLM:
 
     def _after_layer(self, layer, args, output):
         if not self.keep_loaded:
-            _to_meta(layer)
+            _to_meta(layer, self.pool)
 
     def _before_final_norm(self, norm, args):
         self.final_hidden = args[0]
@@ -163,12 +184,11 @@ class LayerStreamedCausalLM:
                 layer_input = args[0].detach().requires_grad_(True)
                 output = self.layers[index](layer_input, *args[1:], **kwargs)
                 output = output[0] if isinstance(output, tuple) else output
-                output.backward(gradient)
-                gradient = layer_input.grad
-                for name, parameter in self.layers[index].named_parameters():
-                    if ".router." in f".{name}" and parameter.grad is not None:
-                        square_sum += float(parameter.grad.double().pow(2).sum())
-                _to_meta(self.layers[index])
+                routers = [p for name, p in self.layers[index].named_parameters() if ".router." in f".{name}"]
+                # only what is needed: the layer input's gradient and the routers' (no weight gradients)
+                gradient, *router_gradients = torch.autograd.grad(output, [layer_input] + routers, gradient, allow_unused=True)
+                square_sum += sum(float(g.double().pow(2).sum()) for g in router_gradients if g is not None)
+                _to_meta(self.layers[index], self.pool)
         finally:
             self.keep_loaded = False
         return math.sqrt(square_sum)
