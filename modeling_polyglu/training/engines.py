@@ -46,16 +46,21 @@ def _fp32_master(parameter: torch.Tensor, deepspeed_enabled: bool) -> torch.Tens
 def router_state_in_fp32(model, state_dict: dict, deepspeed_enabled: bool) -> dict:
     """`state_dict` with every router entry replaced by its fp32 value: DeepSpeed's fp32 master where there is one.
 
-    Call on every rank (the masters are gathered collectively); `state_dict` may be empty on ranks that do not save.
-    Only DeepSpeed gathers; elsewhere routers are fp32 parameters and a non-fp32 entry is cast.
+    Call on every rank (the masters are gathered collectively); `state_dict` is None or empty on ranks that do not
+    save (ZeRO-3 consolidates it on rank 0 only). Only DeepSpeed gathers; elsewhere routers are fp32 parameters and
+    a non-fp32 entry is cast.
     """
     if not deepspeed_enabled:
+        if state_dict is None:
+            return None
         return {
             name: value.float() if is_router_parameter(name) and value.is_floating_point() else value
             for name, value in state_dict.items()
         }
     base = unwrap_polyglu_model(model)
     masters = {name: _fp32_master(parameter, True) for name, parameter in base.named_parameters() if is_router_parameter(name)}
+    if state_dict is None:
+        return None
     return {name: masters.get(name, value) for name, value in state_dict.items()}
 
 
@@ -63,9 +68,9 @@ class RoutersSavedInFp32Mixin:
     """For any Trainer subclass: saved checkpoints hold the routers in fp32 (DeepSpeed's masters under bf16)."""
 
     def _save(self, output_dir=None, state_dict=None):
-        # DeepSpeed and FSDP always pass a gathered state dict; without one the model's own fp32 routers are saved
-        if state_dict is not None:
-            state_dict = router_state_in_fp32(self.model, state_dict, self.is_deepspeed_enabled)
+        # every rank gathers under DeepSpeed, also those whose state dict is None; without DeepSpeed and without a
+        # state dict the model's own (fp32) routers are saved
+        state_dict = router_state_in_fp32(self.model, state_dict, self.is_deepspeed_enabled)
         return super()._save(output_dir, state_dict=state_dict)
 
 
