@@ -303,6 +303,7 @@ def _cpu_kernel_for(gate, up, static_logits, token_logits, activations, normaliz
 
 
 MIXING_BACKENDS = ("fused", "triton")  # of mix_activations; the model's mixing_backend adds "naive"
+DISABLE_TRITON_ENV = "POLYGLU_DISABLE_TRITON_KERNEL"  # "fused" on CUDA then runs the torch.compile'd functions
 _TRITON = {}
 
 
@@ -325,8 +326,8 @@ def triton_kernel():
 def _triton_kernel_for(backend, gate, up, static_logits, token_logits, activations, normalization):
     """The Triton kernel's functions when they run these inputs, else None.
 
-    "fused": routed mixings of CUDA tensors where triton is importable (a fixed activation stays on torch's
-    kernels, as in transformers' models). "triton": every mixing, or an error that names the fix. Inside
+    "fused": routed mixings of CUDA tensors where triton is importable and POLYGLU_DISABLE_TRITON_KERNEL is not
+    set (a fixed activation stays on torch's kernels, as in transformers' models). "triton": every mixing, or an error that names the fix. Inside
     torch.compile both leave the op to Inductor, which traces the torch functions.
     """
     if backend not in MIXING_BACKENDS:
@@ -335,6 +336,8 @@ def _triton_kernel_for(backend, gate, up, static_logits, token_logits, activatio
         return None
     if backend == "fused":
         if gate.device.type != "cuda" or (static_logits is None and token_logits is None):
+            return None
+        if os.environ.get(DISABLE_TRITON_ENV, "0") not in ("", "0"):
             return None
         kernel = triton_kernel()
         supported = kernel is not None and kernel["supports"](gate, up, activations, static_logits, token_logits,

@@ -3,15 +3,25 @@
 Every ``ffn_type`` (project ``PolyGLUMLP``) against the project's swiglu, transformers' eager ``Qwen3MLP`` and a
 reference-style PolyGLU (all K activations stacked into ``[B, T, F, K]``, whole-sequence mean pooling, Gumbel
 softmax), plus ``mixing_backend="naive"`` and other polyglu variants.
+
+On a GPU (bf16, :data:`FFN_CASES_CUDA`) the contenders are the ones a fine-tuner chooses between: eager SwiGLU
+(transformers' Qwen3MLP and the project's swiglu), Liger-Kernel's fused SwiGLU (``liger_kernel``, imported only
+here; its row says "not installed" without it), swiglu through the project's Triton kernel, every mixing ffn_type
+through the Triton kernel (the default there) and polyglu / moa / dualglu through the torch.compile'd functions
+instead (``POLYGLU_DISABLE_TRITON_KERNEL=1``); ratios to Liger's time and saved bytes are the GPU targets.
 """
 
 import gc
+import importlib.util
+import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..configuration_polyglu import FFN_TYPES
+from ..activation_mixing import DISABLE_TRITON_ENV
+from ..configuration_polyglu import FFN_TYPES, MIXING_FFN_TYPES
 from .harness import (
     compilation_state,
     cpu_kernel_available,
@@ -25,9 +35,12 @@ from .harness import (
     timed,
     with_environment,
 )
-from .models import FFN_CASES, FFN_CASES_QUICK, init_linear_weights, perturb, project_mlp
+from .models import FFN_CASES, FFN_CASES_CUDA, FFN_CASES_QUICK, init_linear_weights, perturb, project_mlp
 
 DEFAULT_REPEATS = 5
+_NOT_MEASURED = {key: math.nan for key in ("params", "time_ms", "time_rel_spread", "time_vs_swiglu",
+                                            "time_vs_swiglu_paired", "time_vs_qwen3_mlp", "saved_bytes",
+                                            "saved_vs_qwen3_mlp", "time_vs_liger", "saved_vs_liger")}
 SATURATED_ALPHA_STD = 100.0
 _DISABLE_COMPILE_ENV = "POLYGLU_DISABLE_COMPILE"
 _DISABLE_CPU_KERNEL_ENV = "POLYGLU_DISABLE_CPU_KERNEL"
@@ -38,6 +51,14 @@ COLUMNS = [
     ("time / Qwen3MLP", "time_vs_qwen3_mlp", ".2f"),
     ("saved", "saved_bytes", "bytes"), ("saved / Qwen3MLP", "saved_vs_qwen3_mlp", ".2f"),
 ]
+CUDA_COLUMNS = [
+    ("contender", "contender", ""), ("time ms", "time_ms", ".2f"), ("spread", "time_rel_spread", "pct"),
+    ("time / Liger", "time_vs_liger", ".3f"), ("time / swiglu", "time_vs_swiglu", ".3f"),
+    ("paired", "time_vs_swiglu_paired", ".3f"), ("saved", "saved_bytes", "bytes"),
+    ("saved / Liger", "saved_vs_liger", ".3f"), ("saved / Qwen3MLP", "saved_vs_qwen3_mlp", ".2f"),
+]
+LIGER = "liger_swiglu"
+TORCH_COMPILE_ROWS = ("polyglu", "moa", "dualglu")  # the GPU targets' variants, also through torch.compile
 
 
 class ReferenceStylePolyGLU(nn.Module):
@@ -128,14 +149,55 @@ def ffn_contender_specs(hidden: int, intermediate: int, generator: torch.Generat
     return specs
 
 
-def _ffn_case(hidden, intermediate, batch, tokens, device, dtype, repeats, warmup, ffn_types, seed) -> dict:
+def _liger_swiglu(hidden, intermediate, generator) -> Optional[nn.Module]:
+    """Liger-Kernel's LigerSwiGLUMLP with seeded weights, or None where liger_kernel is not installed."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return None
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+    from transformers import Qwen3Config
+
+    module = LigerSwiGLUMLP(Qwen3Config(hidden_size=hidden, intermediate_size=intermediate, hidden_act="silu"))
+    init_linear_weights(module, generator)
+    return module
+
+
+def cuda_contender_specs(hidden: int, intermediate: int, generator: torch.Generator, ffn_types=FFN_TYPES) -> list:
+    """The GPU contenders (module None: not installed), baselines first."""
+    liger = _liger_swiglu(hidden, intermediate, generator)
+    specs = [
+        ("qwen3_mlp", "transformers Qwen3MLP (eager SwiGLU)", _qwen3_mlp(hidden, intermediate, generator), {}),
+        (LIGER, "Liger-Kernel LigerSwiGLUMLP (fused SwiGLU)" if liger is not None else
+         "Liger-Kernel LigerSwiGLUMLP: not installed (pip install liger-kernel)", liger, {}),
+        ("swiglu", "project PolyGLUMLP (fused: torch's kernels for a fixed activation)",
+         project_mlp(hidden, intermediate, "swiglu", generator), {}),
+        ("swiglu[triton]", "project PolyGLUMLP, mixing_backend=triton",
+         project_mlp(hidden, intermediate, "swiglu", generator, mixing_backend="triton"), {}),
+    ]
+    routed = [t for t in ffn_types if t in MIXING_FFN_TYPES]
+    for ffn_type in routed:
+        specs.append((ffn_type, "project PolyGLUMLP (fused: the Triton kernel)",
+                      project_mlp(hidden, intermediate, ffn_type, generator), {}))
+    for ffn_type in (t for t in TORCH_COMPILE_ROWS if t in routed):
+        specs.append((f"{ffn_type}[torch.compile]", f"project PolyGLUMLP (fused), {DISABLE_TRITON_ENV}=1: the "
+                      "torch.compile'd mixing functions instead of the Triton kernel",
+                      project_mlp(hidden, intermediate, ffn_type, generator), {DISABLE_TRITON_ENV: "1"}))
+    if "polyglu" in routed:
+        saturated = project_mlp(hidden, intermediate, "polyglu", generator)
+        perturb([("alpha", saturated.router.alpha)], generator, std=SATURATED_ALPHA_STD)
+        specs.append(("polyglu[saturated]", f"project PolyGLUMLP (Triton), α perturbed with std "
+                      f"{SATURATED_ALPHA_STD:g}: tiles take the exact per-element softmax", saturated, {}))
+    return specs
+
+
+def _ffn_case(specs, hidden, intermediate, batch, tokens, device, dtype, repeats, warmup, seed) -> dict:
     generator = torch.Generator().manual_seed(seed)
-    specs = ffn_contender_specs(hidden, intermediate, generator, ffn_types)
     x = torch.randn(batch, tokens, hidden, generator=generator).to(device, dtype).requires_grad_(True)
     grad_output = torch.randn(batch, tokens, hidden, generator=generator).to(device, dtype)
 
     contenders, saved, params = {}, {}, {}
     for name, _, module, overrides in specs:
+        if module is None:  # not installed
+            continue
         module.to(device, dtype)
         router = getattr(module, "router", None)
         if router is not None:
@@ -162,8 +224,11 @@ def _ffn_case(hidden, intermediate, batch, tokens, device, dtype, repeats, warmu
 
     times = summarize_metric(run_interleaved(contenders, repeats, warmup))
     rows = []
-    for name, kind, _, _ in specs:
-        rows.append({
+    for name, kind, module, _ in specs:
+        if module is None:
+            rows.append({"contender": name, "kind": kind, "installed": False, **_NOT_MEASURED})
+            continue
+        row = {
             "contender": name,
             "kind": kind,
             "params": params[name],
@@ -171,7 +236,12 @@ def _ffn_case(hidden, intermediate, batch, tokens, device, dtype, repeats, warmu
             "time_vs_qwen3_mlp": ratio(times[name]["median"], times["qwen3_mlp"]["median"]),
             "saved_bytes": saved[name],
             "saved_vs_qwen3_mlp": ratio(saved[name], saved["qwen3_mlp"]),
-        })
+        }
+        if any(spec[0] == LIGER for spec in specs):
+            measured = LIGER in times
+            row["time_vs_liger"] = ratio(times[name]["median"], times[LIGER]["median"]) if measured else math.nan
+            row["saved_vs_liger"] = ratio(saved[name], saved[LIGER]) if measured else math.nan
+        rows.append(row)
     del specs, contenders
     gc.collect()
     return {
@@ -187,16 +257,21 @@ def _ffn_case(hidden, intermediate, batch, tokens, device, dtype, repeats, warmu
 
 
 def run(args) -> dict:
-    cases = FFN_CASES_QUICK if args.quick else FFN_CASES
-    targets = [(torch.device("cpu"), torch.float32)]
+    # (device, dtype, cases, contenders): fp32 CPU unless --device cuda; bf16 CUDA unless --device cpu
+    targets = []
+    if args.device != "cuda":
+        targets.append((torch.device("cpu"), torch.float32, FFN_CASES_QUICK if args.quick else FFN_CASES,
+                        ffn_contender_specs))
     if torch.cuda.is_available() and args.device != "cpu":
-        targets.append((torch.device("cuda"), torch.bfloat16))
+        targets.append((torch.device("cuda"), torch.bfloat16, FFN_CASES_QUICK if args.quick else FFN_CASES_CUDA,
+                        cuda_contender_specs))
     results = []
-    for device, dtype in targets:
+    for device, dtype, cases, contender_specs in targets:
         for hidden, intermediate, batch, tokens in cases:
             progress(args, f"ffn: {dtype} {device.type} d={hidden} F={intermediate} {batch}x{tokens}")
-            results.append(_ffn_case(hidden, intermediate, batch, tokens, device, dtype, args.repeats, args.warmup,
-                                     args.ffn_types, args.seed))
+            specs = contender_specs(hidden, intermediate, torch.Generator().manual_seed(args.seed), args.ffn_types)
+            results.append(_ffn_case(specs, hidden, intermediate, batch, tokens, device, dtype, args.repeats,
+                                     args.warmup, args.seed + 1))
     return {
         "description": "FFN block forward+backward (training mode; polyglu draws Gumbel noise as in training) and "
                        "bytes saved for backward (parameters excluded, storages de-duplicated). Ratios are of "
@@ -206,5 +281,6 @@ def run(args) -> dict:
 
 
 def render(result: dict) -> list:
-    return [f"### ffn: {case['case']} (forward + backward)\n\n" + markdown_table(case["rows"], COLUMNS)
+    return [f"### ffn: {case['case']} (forward + backward)\n\n"
+            + markdown_table(case["rows"], CUDA_COLUMNS if case["device"] == "cuda" else COLUMNS)
             for case in result["cases"]]

@@ -12,6 +12,11 @@ from ..modeling_polyglu import PolyGLUForCausalLM, PolyGLUMLP
 # (hidden, intermediate, batch, tokens per row) of the ffn and hard suites
 FFN_CASES = ((1024, 4096, 2, 512), (256, 1024, 8, 256))
 FFN_CASES_QUICK = ((32, 64, 2, 16), (16, 32, 4, 8))
+# bf16 on a GPU: a 0.6B-class and an 8B-class FFN (Qwen3-8B: d 4096 / 14336), 8 sequences of 2048 tokens
+FFN_CASES_CUDA = ((1024, 4096, 8, 2048), (4096, 14336, 8, 2048))
+
+# the step suite on a GPU: this preset (bf16, routers fp32) against its swiglu twin, 8 sequences of 2048 tokens
+STEP_PRESET_CUDA = "polyglu-qwen3-0.6b"
 
 # the model of the step and decode suites: d 1024 / 4096, 2 layers, vocab 32768, Hq 16, Hkv 8, head_dim 64
 STEP_MODEL = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=2, vocab_size=32768,

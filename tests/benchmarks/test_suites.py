@@ -142,3 +142,28 @@ def test_interleaving_runs_every_contender_once_per_repetition():
     assert [sorted(calls[i : i + 3]) for i in range(3, 12, 3)] == [["a", "b", "c"]] * 3
     assert calls[3:6] != calls[6:9]  # the starting contender rotates
     assert all(metrics["seconds"] == [1.0] * 3 for metrics in samples.values())
+
+
+def test_gpu_ffn_contenders_and_a_liger_row_that_says_not_installed(monkeypatch):
+    """The GPU case's contenders (built here on CPU; the Triton ones cannot run without a GPU or the interpreter),
+    and how a case renders when liger_kernel is absent: its row and the ratios to it read n/a."""
+    import importlib.util
+
+    from modeling_polyglu.benchmarks import ffn
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(ffn.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "liger_kernel" else real_find_spec(name, *args))
+    specs = ffn.cuda_contender_specs(16, 32, torch.Generator().manual_seed(0), ("swiglu", "polyglu", "moa", "dualglu"))
+    names = [spec[0] for spec in specs]
+    assert names[:4] == ["qwen3_mlp", ffn.LIGER, "swiglu", "swiglu[triton]"]
+    assert {"polyglu", "moa", "dualglu", "polyglu[torch.compile]", "moa[torch.compile]", "dualglu[torch.compile]",
+            "polyglu[saturated]"} <= set(names)
+    assert specs[1][2] is None and "not installed" in specs[1][1]
+    runnable_here = [spec for spec in specs if spec[0] in ("qwen3_mlp", ffn.LIGER, "swiglu", "polyglu")]
+    case = ffn._ffn_case(runnable_here, 16, 32, 2, 4, torch.device("cpu"), torch.float32, 1, 0, 0)
+    rows = {row["contender"]: row for row in case["rows"]}
+    assert rows[ffn.LIGER]["installed"] is False and math.isnan(rows["polyglu"]["time_vs_liger"])
+    assert _positive_finite(rows["polyglu"]["time_vs_swiglu"])
+    table = ffn.markdown_table(case["rows"], ffn.CUDA_COLUMNS)
+    assert "| liger_swiglu | n/a |" in table
