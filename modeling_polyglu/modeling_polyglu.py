@@ -857,8 +857,8 @@ def ffn_type_mismatch_message(config: PolyGLUConfig, missing_keys, unexpected_ke
     parts = [f"layers {layers} are {configured!r} in config.json but their weights are {belongs_to}"
              for (configured, belongs_to), layers in mismatches.items()]
     return (
-        "; ".join(parts) + ". Their router weights were re-initialised or ignored: set ffn_type (or ffn_types) in "
-        "config.json to the variant the checkpoint was saved as."
+        "; ".join(parts) + ". Their routers were freshly initialised or dropped; unless that is a deliberate retrofit, "
+        "set ffn_type (or ffn_types) in config.json to the variant the checkpoint was saved as."
     )
 
 
