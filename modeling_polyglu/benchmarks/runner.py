@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", dest="json_path", help="output JSON (default benchmarks/results/<suite>.json)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads during the run (default 1)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="step/decode/generate device (auto: cuda if available); ffn always runs fp32 CPU and, "
-                             "unless --device cpu, also bf16 CUDA when available")
+                        help="step/decode/generate device (auto: cuda if available); ffn runs fp32 CPU unless "
+                             "--device cuda, and bf16 CUDA (GPU sizes, Liger and Triton rows) unless --device cpu")
     parser.add_argument("--ffn-types", type=_csv_ffn_types, default=FFN_TYPES,
                         help="comma-separated ffn_types to compare (default: all; swiglu is always included)")
     parser.add_argument("--decode-tokens", type=int, help=f"new tokens of the decode suite (default {decode.DECODE_TOKENS})")
