@@ -38,31 +38,27 @@ MATCH_TOLERANCE = 0.01
 class CompareArguments:
     """What `polyglu compare` compares; every `polyglu pretrain` flag applies to each run."""
 
-    ffn_types: str = field(default="swiglu,dualglu,polyglu", metadata={"help": "Comma-separated ffn types to train."})
+    ffn_types: str = field(default="swiglu,dualglu,polyglu", metadata={"help": "Comma-separated variants: an ffn type, optionally with config fields, e.g. dualglu:dualglu_mixing=static_equal."})
     seeds: str = field(default="3", metadata={"help": "Number of seeds (0..N-1) or a comma-separated list of seeds."})
-    baseline: str = field(default="swiglu", metadata={"help": "The ffn type differences are measured against."})
+    baseline: str = field(default="swiglu", metadata={"help": "The variant differences are measured against (same syntax as --ffn_types)."})
     match: str = field(default="params", metadata={"help": "params: match each variant's parameter count to the baseline's within 1 % via intermediate_size; none: keep it."})
 
     def __post_init__(self):
-        variants = self.variants()
-        unknown = [name for name in variants if name not in FFN_TYPES]
-        if unknown:
-            raise ValueError(f"Unknown ffn type(s) {', '.join(unknown)}; choose from {', '.join(FFN_TYPES)}.")
-        if self.baseline not in FFN_TYPES:
-            raise ValueError(f"Unknown baseline {self.baseline!r}; choose from {', '.join(FFN_TYPES)}.")
+        for variant in self.variants():
+            parse_variant(variant)  # validates
         if self.match not in MATCH_MODES:
             raise ValueError(f"match={self.match!r}; choose one of {', '.join(MATCH_MODES)}.")
         self.seed_list()  # validates
 
     def variants(self) -> list[str]:
-        names = [name.strip() for name in self.ffn_types.split(",") if name.strip()]
+        names = [name.strip() for name in str(self.ffn_types).split(",") if name.strip()]
         if self.baseline not in names:
             names.insert(0, self.baseline)
         return list(dict.fromkeys(names))
 
     def seed_list(self) -> list[int]:
         try:
-            values = [int(part) for part in self.seeds.split(",")]
+            values = [int(part) for part in str(self.seeds).split(",")]
         except ValueError:
             raise ValueError(f"seeds must be a count or a comma-separated list of integers, got {self.seeds!r}.") from None
         if len(values) == 1:
@@ -70,6 +66,23 @@ class CompareArguments:
                 raise ValueError(f"seeds must be >= 1, got {values[0]}.")
             return list(range(values[0]))
         return list(dict.fromkeys(values))
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """`ffn_type[:field=value[:field=value...]]` → (ffn_type, config fields); values are JSON where they parse."""
+    ffn_type, *assignments = spec.split(":")
+    if ffn_type not in FFN_TYPES:
+        raise ValueError(f"Unknown ffn type {ffn_type!r} in {spec!r}; choose from {', '.join(FFN_TYPES)}.")
+    fields = {}
+    for assignment in assignments:
+        name, separator, value = assignment.partition("=")
+        if not separator or not name:
+            raise ValueError(f"{spec!r}: write config fields as ffn_type:field=value, got {assignment!r}.")
+        try:
+            fields[name] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[name] = value
+    return ffn_type, fields
 
 
 def parameter_count(config) -> int:
@@ -122,7 +135,7 @@ def paired_initial_model(config, reference_config, seed: int):
 
 
 def run_directory(output_dir, ffn_type: str, seed: int) -> Path:
-    return Path(output_dir) / "runs" / f"{ffn_type}-seed{seed}"
+    return Path(output_dir) / "runs" / f"{ffn_type.replace(':', '-')}-seed{seed}"
 
 
 def check_reusable(summary: dict, arguments, training_args, run_dir: Path) -> None:
@@ -245,11 +258,13 @@ def plan_runs(compare_args: CompareArguments, arguments, tokenizer) -> tuple[lis
     from .pretrain import build_config
 
     base_config = build_config(arguments, tokenizer)
-    reference_config = with_fields(base_config, ffn_type=compare_args.baseline, ffn_types=None)
+    baseline_ffn, baseline_fields = parse_variant(compare_args.baseline)
+    reference_config = with_fields(base_config, ffn_type=baseline_ffn, ffn_types=None, **baseline_fields)
     target = parameter_count(reference_config)
     sizes = {}
     for variant in compare_args.variants():
-        config = with_fields(base_config, ffn_type=variant, ffn_types=None)
+        ffn_type, fields = parse_variant(variant)
+        config = with_fields(base_config, ffn_type=ffn_type, ffn_types=None, **fields)
         if compare_args.match == "params" and variant != compare_args.baseline:
             sizes[variant] = matched_intermediate_size(config, target)
         else:
@@ -261,7 +276,18 @@ def plan_runs(compare_args: CompareArguments, arguments, tokenizer) -> tuple[lis
     return plan, reference_config, target
 
 
-def run_compare(argv: list[str], log=print) -> dict:
+def run_arguments_for(argv: list[str], arguments, entry: dict, run_dir: Path) -> list[str]:
+    """The command line of one run: the comparison's, plus its folder, seed, ffn type, fields and d_ff."""
+    ffn_type, fields = parse_variant(entry["ffn_type"])
+    extra = ["--output_dir", str(run_dir), "--seed", str(entry["seed"]), "--ffn_type", ffn_type,
+             "--intermediate_size", str(entry["intermediate_size"])]
+    if fields:
+        overrides = json.loads(arguments.config_overrides) if arguments.config_overrides else {}
+        extra += ["--config_overrides", json.dumps({**overrides, **fields})]
+    return list(argv) + extra
+
+
+def run_compare(argv: list[str]) -> dict:
     from tqdm.auto import tqdm
 
     from .pretrain import (build_config, complete_checkpoints, load_tokenizer, parse_arguments, read_run_summary,
@@ -278,9 +304,8 @@ def run_compare(argv: list[str], log=print) -> dict:
     for entry in progress:
         run_dir = run_directory(output_dir, entry["ffn_type"], entry["seed"])
         progress.set_postfix_str(run_dir.name)
-        run_argv = list(argv) + ["--output_dir", str(run_dir), "--seed", str(entry["seed"]),
-                                 "--ffn_type", entry["ffn_type"], "--intermediate_size", str(entry["intermediate_size"])]
-        _, run_arguments, run_training_args, run_routing_args = parse_arguments(parser, run_argv)
+        _, run_arguments, run_training_args, run_routing_args = parse_arguments(
+            parser, run_arguments_for(argv, arguments, entry, run_dir))
         summary = read_run_summary(run_dir)
         if summary is not None:
             check_reusable(summary, run_arguments, run_training_args, run_dir)

@@ -174,3 +174,41 @@ def test_compare_resumes_after_sigkill_reuses_finished_runs_and_reports(tmp_path
     # the same command again trains nothing; other settings into the same folder are refused in one line
     assert cli_main(command) == 0
     assert cli_main(command + ["--learning_rate", "1e-3"]) == 2
+
+
+def test_variant_fields_reach_the_run_and_its_folder(tmp_path):
+    from modeling_polyglu.training.compare import parse_variant, run_arguments_for, run_directory
+
+    assert parse_variant("polyglu:routing_tau=0.5:routing_hard=true") == ("polyglu", {"routing_tau": 0.5, "routing_hard": True})
+    with pytest.raises(ValueError, match="field=value"):
+        parse_variant("dualglu:static_equal")
+    entry = {"ffn_type": "dualglu:dualglu_mixing=static_equal", "seed": 1, "intermediate_size": 48}
+    run_dir = run_directory(tmp_path, entry["ffn_type"], 1)
+    assert run_dir.name == "dualglu-dualglu_mixing=static_equal-seed1"
+    arguments = PretrainArguments(config_overrides='{"routing_tau": 0.5}')
+    argv = run_arguments_for(["--max_steps", "3"], arguments, entry, run_dir)
+    assert json.loads(argv[argv.index("--config_overrides") + 1]) == {"routing_tau": 0.5, "dualglu_mixing": "static_equal"}
+
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("recipe", sorted((REPOSITORY / "recipes" / "pretrain").glob("*.yaml")), ids=lambda path: path.stem)
+def test_pretrain_recipes_parse_and_match_parameters(recipe, monkeypatch):
+    """Every recipe parses, and its variants' parameter counts (Qwen3 tokenizer size) are planned as it says."""
+    from modeling_polyglu.training.compare import build_parser, plan_runs
+    from modeling_polyglu.training.pretrain import parse_arguments
+
+    class QwenSizedTokenizer:  # the Qwen3 tokenizer's size and ids, without downloading it
+        pad_token_id, bos_token_id, eos_token_id = 151643, None, 151643
+
+        def __len__(self):
+            return 151669
+
+    monkeypatch.chdir(REPOSITORY)  # recipes name their model configs relative to the checkout, as their commands run
+    compare_args, arguments, training_args, _ = parse_arguments(build_parser(), ["--config", str(recipe), "--output_dir", "x"])
+    plan, _, target = plan_runs(compare_args, arguments, QwenSizedTokenizer())
+    assert len(plan) == len(compare_args.variants()) * len(compare_args.seed_list())
+    assert 80e6 < target < 140e6 and training_args.max_steps > 0 and training_args.bf16
+    if compare_args.match == "params":
+        assert all(abs(entry["num_parameters"] - target) <= 0.01 * target for entry in plan)

@@ -1,0 +1,16 @@
+"""Pretraining recipes: the entry points of `polyglu pretrain` and `polyglu compare` (see recipes/README.md).
+
+    python recipes/pretrain.py --config recipes/pretrain/models/qwen3-83m.json --dataset DATA --max_steps 400 ...
+    python recipes/pretrain.py compare --config recipes/pretrain/dynamic_geglu_83m.yaml --output_dir runs/dyn-geglu
+"""
+
+import sys
+
+from modeling_polyglu.training.compare import main as compare_main
+from modeling_polyglu.training.pretrain import main as pretrain_main
+
+if __name__ == "__main__":
+    arguments = sys.argv[1:]
+    if arguments[:1] == ["compare"]:
+        sys.exit(compare_main(arguments[1:]))
+    sys.exit(pretrain_main(arguments))
