@@ -9,7 +9,7 @@ local JSONL file in the SFT formats, or a Hub dataset name), or a built-in parag
 from pathlib import Path
 from typing import Optional
 
-from .reports import write_routing_report
+from .reports import per_layer_lines, write_routing_report
 from .routing_stats import RoutingProbe, probe_batches, tokenize_probe, unwrap_polyglu_model
 
 BUILT_IN_TEXT = [
@@ -58,6 +58,8 @@ def inspect_checkpoint(
     )
     overall = {key: value for key, value in metrics.items() if key.count("/") == 1}
     log(f"{model_dir}: " + ", ".join(f"{key.split('/')[1]} {value:.4f}" for key, value in overall.items()))
+    for line in per_layer_lines(metrics):
+        log("  " + line)
     for name, path in written.items():
         log(f"  {name}: {path}")
     return {"metrics": metrics, "written": written}

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 REPORT_FILE = "routing_report.json"
 HEATMAP_FILE = "routing_usage_heatmap.png"
@@ -33,6 +34,19 @@ def usage_table(metrics: dict, statistic: str = "usage_mean") -> tuple[list[int]
     return layers, activations, rows
 
 
+def per_layer_lines(metrics: dict) -> list[str]:
+    """A console table, one row per routed layer: entropy / ln K, the most chosen activation and its share."""
+    layers, activations, shares = usage_table(metrics, "usage_argmax")
+    if not layers:
+        return []
+    lines = [f"{'layer':>5}  {'entropy':>7}  {'top activation':<14}  {'share':>6}"]
+    for layer, row in zip(layers, shares):
+        top = max(range(len(activations)), key=lambda k: row[k] if row[k] == row[k] else -1.0)
+        entropy = metrics.get(f"routing/layer_{layer}/entropy", float("nan"))
+        lines.append(f"{layer:>5}  {entropy:>7.4f}  {activations[top]:<14}  {row[top]:>6.1%}")
+    return lines
+
+
 def plot_usage_heatmap(metrics: dict, path: Path, title: str) -> Optional[Path]:
     layers, activations, rows = usage_table(metrics)
     if not layers:
@@ -53,30 +67,71 @@ def plot_usage_heatmap(metrics: dict, path: Path, title: str) -> Optional[Path]:
     return path
 
 
-def _plot_series(history: list[dict], statistic: str, path: Path, ylabel: str, title: str) -> Optional[Path]:
-    keys = sorted(
-        {key for entry in history for key in entry["metrics"] if key.startswith("routing/layer_") and key.endswith(f"/{statistic}")},
-        key=_layer_index,
-    )
-    overall = f"routing/{statistic}"
-    if not keys:
+def layer_step_grid(history: list[dict], statistic: str) -> tuple[list[int], list[int], list[list[float]]]:
+    """(layers, steps, grid[layer][measurement]) of one per-layer statistic; NaN where a measurement lacks it."""
+    suffix = f"/{statistic}"
+    layers = sorted({_layer_index(key) for entry in history for key in entry["metrics"]
+                     if key.startswith("routing/layer_") and key.endswith(suffix)})
+    # measurements that have it (flip rate and KL start after the first)
+    measured = [entry for entry in history if entry["step"] is not None
+                and any(f"routing/layer_{layer}{suffix}" in entry["metrics"] for layer in layers)]
+    grid = [[entry["metrics"].get(f"routing/layer_{layer}{suffix}", float("nan")) for entry in measured] for layer in layers]
+    return layers, [entry["step"] for entry in measured], grid
+
+
+def axis_top(values: list[float], upper: Optional[float] = None) -> float:
+    """Top of a 0-based axis: `upper` if fixed, else the largest finite value; an all-zero series gets 0..1, not
+    matplotlib's −0.04..0.04."""
+    if upper is not None:
+        return upper
+    top = max((value for value in values if value == value), default=0.0)
+    return top if top > 0 else 1.0
+
+
+def _cell_edges(steps: list[int]) -> list[float]:
+    """Column edges halfway between measured steps, so every column is centred on its step."""
+    if len(steps) == 1:
+        return [steps[0] - 0.5, steps[0] + 0.5]
+    middles = [(a + b) / 2 for a, b in zip(steps, steps[1:])]
+    return [steps[0] - (middles[0] - steps[0])] + middles + [steps[-1] + (steps[-1] - middles[-1])]
+
+
+def _plot_series(history: list[dict], statistic: str, path: Path, ylabel: str, title: str,
+                 upper: Optional[float] = None) -> Optional[Path]:
+    """The mean over layers against the step (top) above a layer × step heatmap with a colour bar (bottom).
+
+    A heatmap reads at a glance for 28-36 layers, where one line per layer needs a legend over the data and a
+    colour cycle that repeats. Both share an integer step axis; values start at 0 (`upper`: a fixed top, e.g. 1).
+    """
+    layers, steps, grid = layer_step_grid(history, statistic)
+    if not layers or not steps:
         return None
-    figure, axis = plt.subplots(figsize=(7, 4))
-    for key in keys:
-        points = [(entry["step"], entry["metrics"][key]) for entry in history if key in entry["metrics"]]
-        axis.plot(*zip(*points), label=f"layer {_layer_index(key)}", linewidth=1)
-    points = [(entry["step"], entry["metrics"][overall]) for entry in history if overall in entry["metrics"]]
-    if points:
-        axis.plot(*zip(*points), label="mean", color="black", linewidth=2.5)
+    figure, (line_axis, heat_axis) = plt.subplots(
+        2, 1, sharex=True, figsize=(7.5, 2.6 + 0.12 * len(layers)), height_ratios=(1, max(1.5, 0.08 * len(layers))),
+        layout="constrained",
+    )
+    overall = [(entry["step"], entry["metrics"][f"routing/{statistic}"]) for entry in history
+               if entry["step"] is not None and f"routing/{statistic}" in entry["metrics"]]
+    if overall:
+        line_axis.plot(*zip(*overall), color="black", linewidth=2, marker="o", markersize=3, label="mean over layers")
     static = [(entry["step"], entry["metrics"]["routing/static_alpha_entropy"]) for entry in history
-              if statistic == "entropy" and "routing/static_alpha_entropy" in entry["metrics"]]
+              if statistic == "entropy" and entry["step"] is not None and "routing/static_alpha_entropy" in entry["metrics"]]
     if static:  # what the reference monitored: blind to the input-dependent term, τ and pooling
-        axis.plot(*zip(*static), label="static softmax(α) entropy (reference metric)", color="gray", linestyle="--")
-    axis.set_xlabel("training step")
-    axis.set_ylabel(ylabel)
-    axis.set_title(title)
-    axis.legend(fontsize=7, ncol=2)
-    figure.tight_layout()
+        line_axis.plot(*zip(*static), color="gray", linestyle="--", label="static softmax(α) entropy (reference metric)")
+    top = axis_top([value for row in grid for value in row] + [value for _, value in overall], upper)
+    line_axis.set_ylim(0.0, top * (1.0 if upper is not None else 1.05))
+    line_axis.set_ylabel(ylabel)
+    line_axis.set_title(title)
+    line_axis.legend(fontsize=7, loc="best")
+    line_axis.grid(alpha=0.3)
+    mesh = heat_axis.pcolormesh(_cell_edges(steps), [layer - 0.5 for layer in layers] + [layers[-1] + 0.5], grid,
+                                cmap="viridis", vmin=0.0, vmax=top, shading="flat")
+    heat_axis.set_ylabel("layer")
+    heat_axis.set_xlabel("training step")
+    heat_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    heat_axis.yaxis.set_major_locator(MaxNLocator(integer=True))
+    heat_axis.invert_yaxis()  # layer 0 at the top, as in the usage heatmap
+    figure.colorbar(mesh, ax=heat_axis, label=ylabel)
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
@@ -94,12 +149,12 @@ def write_routing_report(output_dir, history: list[dict], extra: Optional[dict] 
     if heatmap:
         written["heatmap"] = heatmap
     if len(history) > 1:
-        for name, statistic, filename, ylabel, title in (
-            ("entropy", "entropy", ENTROPY_FILE, "entropy / ln K", "Routing entropy of the applied routing"),
-            ("flip_rate", "flip_rate", DRIFT_FILE, "share of argmax choices changed", "Routing flips since the start"),
-            ("kl", "kl_from_initial", KL_FILE, "KL(current ‖ initial)", "Routing drift since the start"),
+        for name, statistic, filename, ylabel, title, upper in (
+            ("entropy", "entropy", ENTROPY_FILE, "entropy / ln K", "Routing entropy of the applied routing", 1.0),
+            ("flip_rate", "flip_rate", DRIFT_FILE, "flip rate", "Routing flips since the start (share of argmax choices changed)", None),
+            ("kl", "kl_from_initial", KL_FILE, "KL(current ‖ initial)", "Routing drift since the start", None),
         ):
-            path = _plot_series(history, statistic, output_dir / filename, ylabel, title)
+            path = _plot_series(history, statistic, output_dir / filename, ylabel, title, upper)
             if path:
                 written[name] = path
     return {name: str(path) for name, path in written.items()}

@@ -186,3 +186,5 @@ def test_inspect_reports_any_checkpoint(workspace, tmp_path, capsys):
     report = json.loads((tmp_path / "report" / "routing_report.json").read_text())
     assert report["probe_examples"] == 2 and 0.0 <= report["final"]["routing/entropy"] <= 1.0
     assert (tmp_path / "report" / "routing_usage_heatmap.png").is_file()
+    printed = capsys.readouterr().out
+    assert "top activation" in printed and len([line for line in printed.splitlines() if "%" in line]) == 2  # 2 layers
