@@ -10,12 +10,12 @@ on GPUs — distributed type FSDP with the launcher's plugin — right after the
 
 import sys
 
-from accelerate import Accelerator
+import accelerate.accelerator
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 
 _accelerate_init = AcceleratorState.__init__
-_accelerate_prepare_model = Accelerator.prepare_model
+_fsdp2_prepare_model = accelerate.accelerator.fsdp2_prepare_model
 
 
 def _init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
@@ -27,8 +27,8 @@ def _init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
-def _prepare_model_and_report_sharding(self, model, *args, **kwargs):
-    model = _accelerate_prepare_model(self, model, *args, **kwargs)
+def _prepare_model_and_report_sharding(accelerator, model, *args, **kwargs):
+    model = _fsdp2_prepare_model(accelerator, model, *args, **kwargs)
     parameters = list(model.parameters())
     sharded = sum(type(parameter).__name__ == "DTensor" for parameter in parameters)
     print(f"FSDP2 on CPU: {sharded}/{len(parameters)} parameters are DTensors", flush=True)
@@ -36,7 +36,7 @@ def _prepare_model_and_report_sharding(self, model, *args, **kwargs):
 
 
 AcceleratorState.__init__ = _init_with_fsdp_on_cpu
-Accelerator.prepare_model = _prepare_model_and_report_sharding
+accelerate.accelerator.fsdp2_prepare_model = _prepare_model_and_report_sharding  # where Accelerator looks it up
 
 if __name__ == "__main__":
     from modeling_polyglu.training.sft import main
