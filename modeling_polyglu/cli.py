@@ -58,7 +58,8 @@ def _add_convert_parsers(subparsers):
         help="logit preference for it (default 8: ~0.1%% weight elsewhere for K=4, gradients still reach the router)",
     )
     qwen3.add_argument("--probe-file", help="text file to measure the deviation on (default: built-in text)")
-    qwen3.add_argument("--no-verify", action="store_true", help="skip loading both models to measure the deviation")
+    qwen3.add_argument("--no-verify", action="store_true",
+                       help="skip the comparison with transformers' Qwen3 (run one decoder layer at a time)")
     qwen3.add_argument("--seed", type=int, default=0, help="seed of the new router parameters")
     qwen3.add_argument("--overwrite", action="store_true")
     qwen3.set_defaults(handler=_run_convert_qwen3)

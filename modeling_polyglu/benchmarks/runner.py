@@ -14,10 +14,12 @@ Suites (``--suite``), one module each:
 * ``convert``: peak memory of streaming conversion against the shard size.
 
 How the figures are measured: see harness.py. Results are printed as markdown tables and written as JSON
-(``--json``, default ``benchmarks/results/<suite>.json``).
+(``--json``, default ``$POLYGLU_BENCH_DIR`` or ``~/.cache/polyglu/bench/<suite>.json``). ``--quick`` is a smoke
+test, and its tables say so.
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +33,13 @@ from .harness import benchmark_environment, environment_info, load_average, writ
 SUITE_MODULES = {"ffn": ffn, "hard": hard, "step": step, "decode": decode, "generate": generate, "convert": convert}
 SUITES = tuple(SUITE_MODULES)
 QUICK_REPEATS = 1
+SMOKE_TEST_NOTE = "tiny sizes, one repetition, not results; ratios and spreads here mean nothing"
+
+
+def default_json_path(suite: str, quick: bool) -> Path:
+    """Where results go without --json: $POLYGLU_BENCH_DIR, else the user cache (never the working directory)."""
+    root = os.environ.get("POLYGLU_BENCH_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "polyglu" / "bench"
+    return Path(root) / f"{suite}{'-quick' if quick else ''}.json"
 
 
 def render(results: dict) -> str:
@@ -44,7 +53,10 @@ def render(results: dict) -> str:
     ]
     for name, module in SUITE_MODULES.items():
         if name in results["suites"]:
-            parts.extend(module.render(results["suites"][name]))
+            tables = module.render(results["suites"][name])
+            if meta["quick"]:  # tiny sizes, one repetition: the numbers show that the suite runs, nothing more
+                tables = [table.replace("### ", f"### SMOKE TEST (--quick: {SMOKE_TEST_NOTE}) — ", 1) for table in tables]
+            parts.extend(tables)
     if meta.get("recompile_warnings"):
         parts.append("torch._dynamo recompilation warnings (some fused kernels may have fallen back to eager):\n"
                      + "\n".join(f"* {message}" for message in meta["recompile_warnings"]))
@@ -78,8 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "generate 3; convert always runs once; "
                              f"{QUICK_REPEATS} with --quick)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds before timing (default 1)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds; for tests and smoke runs)")
-    parser.add_argument("--json", dest="json_path", help="output JSON (default benchmarks/results/<suite>.json)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: tiny sizes, one repetition; checks that the suites run, measures nothing")
+    parser.add_argument("--json", dest="json_path",
+                        help="output JSON (default $POLYGLU_BENCH_DIR or ~/.cache/polyglu/bench: <suite>.json, "
+                             "<suite>-quick.json for --quick)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads during the run (default 1)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="step/decode/generate device (auto: cuda if available); ffn runs fp32 CPU unless "
@@ -140,7 +155,7 @@ def main(argv=None) -> int:
         return 2
     results = run_benchmarks(args)
     print(render(results))
-    path = Path(args.json_path or Path("benchmarks") / "results" / f"{args.suite}.json")
+    path = Path(args.json_path) if args.json_path else default_json_path(args.suite, args.quick)
     write_json(results, path)
     if not args.silent:
         print(f"[polyglu bench] wrote {path}", file=sys.stderr)

@@ -91,6 +91,9 @@ def test_hard_and_convert_suites_report_their_rows(quick_results):
         # at quick sizes the import's own peak can hide the conversion's few MB: only the real sizes measure it
         assert _positive_finite(row["peak_rss_mib"]) and _positive_finite(row["baseline_rss_mib"])
         assert math.isfinite(row["ratio_to_largest_shard"])
+    (verified,) = suites["convert"]["verified_rows"]
+    assert verified["verify"] == "yes" and verified["shards"] == 3 and _positive_finite(verified["wall_s"])
+    assert 0.0 < verified["max_abs_logit_diff"] < 1e-2  # the layer-streamed comparison ran
 
 
 def test_markdown_tables_are_printed(tmp_path, capsys, monkeypatch):
@@ -101,8 +104,20 @@ def test_markdown_tables_are_printed(tmp_path, capsys, monkeypatch):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "| contender | time ms |" in printed and "| polyglu[naive] |" in printed
+    assert all(line.startswith("### SMOKE TEST (--quick") for line in printed.splitlines() if line.startswith("###"))
     assert "| qwen3_mlp |" in printed and "| swiglu |" in printed  # baselines are always present
     assert json.loads(path.read_text())["meta"]["suite"] == "ffn"
+
+
+def test_results_go_to_the_bench_dir_or_the_user_cache_never_the_working_directory(monkeypatch, tmp_path):
+    from modeling_polyglu.benchmarks.runner import default_json_path
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("POLYGLU_BENCH_DIR", str(tmp_path / "chosen"))
+    assert default_json_path("ffn", quick=True) == tmp_path / "chosen" / "ffn-quick.json"
+    monkeypatch.delenv("POLYGLU_BENCH_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert default_json_path("convert", quick=False) == tmp_path / "cache" / "polyglu" / "bench" / "convert.json"
 
 
 def test_bad_arguments_exit_with_usage_errors(tmp_path):
