@@ -260,13 +260,14 @@ def _mix_backward_kernel(
     static_logits_ptr, static_factor_ptr, token_logits_ptr, token_factor_ptr,  # NEURON_TOKEN tables
     row_partial_ptr,  # [neuron blocks, K, R]: per-row sums of the logit gradient over each program's neurons
     column_partial_ptr,  # [B, token programs, K, F]: per-neuron sums over each program's tokens (NEURON_TOKEN)
-    R, T, F, static_k_stride, static_sequence_stride, inv_tau, rows_per_program,
+    R, T, F, static_k_stride, static_sequence_stride, inv_tau,
     CODES: tl.constexpr, K: tl.constexpr, K_POW2: tl.constexpr, MODE: tl.constexpr, HARD: tl.constexpr,
     SOFTMAX: tl.constexpr, HAS_UP: tl.constexpr, NEEDS_GATE: tl.constexpr, NEEDS_UP: tl.constexpr,
     NEEDS_LOGIT_GRADS: tl.constexpr, NEEDS_ROW_SUMS: tl.constexpr, NEEDS_COLUMN_SUMS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr,
+    ROW_STEPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    """One program: BLOCK_F neurons of rows_per_program tokens of one sequence, BLOCK_T tokens at a time.
+    """One program: BLOCK_F neurons of ROW_STEPS · BLOCK_T tokens of one sequence, BLOCK_T tokens at a time
+    (steps past the sequence's end are masked; a constant trip count also keeps triton 3.6's interpreter happy).
 
     Logit gradient per element: NEURON_TOKEN g_k = (dy u) w_k (φ_k - Σ_j w_j φ_j) / τ, summed both ways;
     ROWWISE the row sums of (dy u)(φ_k - Σ_j w_j φ_j) (softmax) or (dy u) φ_k (linear), which torch turns into
@@ -279,8 +280,8 @@ def _mix_backward_kernel(
     static_offset = sequence * static_sequence_stride
     slot = tl.arange(0, K_POW2)[:, None]
     column_sums = tl.zeros([K_POW2, BLOCK_F], dtype=tl.float32)
-    last_token = tl.minimum(T, (token_program + 1) * rows_per_program)
-    for first_token in range(token_program * rows_per_program, last_token, BLOCK_T):
+    for step in range(ROW_STEPS):
+        first_token = (token_program * ROW_STEPS + step) * BLOCK_T
         rows, row_inside, neurons, neuron_inside, inside, offsets = _tile(
             sequence, first_token, first_neuron, T, F, BLOCK_T, BLOCK_F)
         g = tl.load(gate_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
@@ -371,18 +372,18 @@ def _packed_codes(activations: tuple) -> int:
 
 
 def tiles(batch: int, length: int, width: int, backward: bool) -> dict:
-    """Tile sizes: on a GPU, tiles of 1-2 K elements (8 tokens × 128-256 neurons) and, in backward, programs of
-    up to 128 tokens, which keeps the per-program partial sums at a few percent of the activations' bytes; in the
-    interpreter, one tile per sequence where it fits (each program costs milliseconds there).
+    """Tile sizes and, in backward, ROW_STEPS tiles down the sequence per program: on a GPU, tiles of 1-2 K
+    elements (8 tokens × 128-256 neurons) and programs of up to 128 tokens, which keeps the per-program partial
+    sums at a few percent of the activations' bytes; in the interpreter, one program per sequence and neuron block
+    (each program costs milliseconds there).
     """
     if INTERPRETED:
         block_f = min(_next_power_of_2(width), 512)
         block_t = min(_next_power_of_2(length), max(1, 8192 // block_f))
-        return {"BLOCK_T": block_t, "BLOCK_F": block_f, "rows_per_program": length, "num_warps": 4}
+        return {"BLOCK_T": block_t, "BLOCK_F": block_f, "ROW_STEPS": -(-length // block_t), "num_warps": 4}
     block_t = min(_next_power_of_2(length), 8)
     block_f = min(_next_power_of_2(width), 128 if backward else 256)
-    rows = block_t * min(16, -(-length // block_t)) if backward else block_t
-    return {"BLOCK_T": block_t, "BLOCK_F": block_f, "rows_per_program": rows, "num_warps": 4}
+    return {"BLOCK_T": block_t, "BLOCK_F": block_f, "ROW_STEPS": min(16, -(-length // block_t)), "num_warps": 4}
 
 
 def runnable(gate: torch.Tensor) -> bool:
@@ -497,7 +498,7 @@ def mix_backward(grad_out, gate, up, static_logits, token_logits, activations, t
     grad_up = torch.empty_like(up) if up is not None and needs[1] else None
 
     tile = tiles(batch, length, width, backward=True)
-    token_programs = triton.cdiv(length, tile["rows_per_program"])
+    token_programs = triton.cdiv(length, tile["ROW_STEPS"] * tile["BLOCK_T"])
     neuron_blocks = triton.cdiv(width, tile["BLOCK_F"])
     placeholder = gate.new_zeros(1, dtype=torch.float32)
     row_partial = gate.new_empty(neuron_blocks, num, rows, dtype=torch.float32) if needs_row_sums else placeholder
@@ -511,11 +512,11 @@ def mix_backward(grad_out, gate, up, static_logits, token_logits, activations, t
         tables.static_logits, tables.static_factor, tables.token_logits, tables.token_factor,
         row_partial, column_partial,
         rows, length, width, tables.static_k_stride, tables.static_sequence_stride, tables.inv_tau,
-        tile["rows_per_program"],
         CODES=_packed_codes(activations), K=num, K_POW2=_next_power_of_2(num), MODE=tables.mode, HARD=bool(hard),
         SOFTMAX=normalization == "softmax", HAS_UP=up is not None, NEEDS_GATE=grad_gate is not None,
         NEEDS_UP=grad_up is not None, NEEDS_LOGIT_GRADS=needs_row_sums or needs_column_sums,
         NEEDS_ROW_SUMS=needs_row_sums, NEEDS_COLUMN_SUMS=needs_column_sums,
+        ROW_STEPS=tile["ROW_STEPS"],
     )
     row_sums = row_partial.sum(dim=0) if needs_row_sums else None  # [K, R]
     if neuron_token:

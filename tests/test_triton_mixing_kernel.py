@@ -51,7 +51,7 @@ MODEL_FFN_TYPES = MIXING_FFN_TYPES + ("swiglu", "mlp_gelu")  # every mixer; a ga
 FP32_BOUND = 1e-5
 ROUTER_BOUND = 1e-4
 BF16_BOUND = 4e-3
-SMALL_TILES = {"BLOCK_T": 4, "BLOCK_F": 32, "rows_per_program": 8, "num_warps": 4}
+SMALL_TILES = {"BLOCK_T": 4, "BLOCK_F": 32, "ROW_STEPS": 2, "num_warps": 4}
 SMALL_TILES_SHAPE = (2, 11, 37)  # 2 token programs of 2 and 1 steps, 2 neuron blocks, partial tiles at every edge
 # hard routing applies to softmax mixings only; a plain (ungated) FFN changes only the loads and stores
 CASES = [(layout, hard, gated) for layout in LAYOUTS for gated in (True, False) for hard in (False, True)

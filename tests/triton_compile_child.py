@@ -25,13 +25,13 @@ from modeling_polyglu import triton_mixing_kernel as kernels  # noqa: E402
 
 DICTIONARY_CODES = kernels._packed_codes(("relu", "tanh", "silu", "gelu"))
 SWIGLU_CODES = kernels._packed_codes(("silu",))
-INTEGER_ARGUMENTS = {"R", "T", "F", "static_k_stride", "static_sequence_stride", "rows_per_program"}
+INTEGER_ARGUMENTS = {"R", "T", "F", "static_k_stride", "static_sequence_stride"}
 TABLE_POINTERS = {"weights_ptr", "soft_ptr", "static_logits_ptr", "static_factor_ptr", "token_logits_ptr",
                   "token_factor_ptr", "row_partial_ptr", "column_partial_ptr"}
 
 # (name, program, constexprs): the variants mix_forward / mix_backward launch for the ffn types
 FORWARD = {"BLOCK_T": 8, "BLOCK_F": 256}
-BACKWARD = {"BLOCK_T": 8, "BLOCK_F": 128, "K_POW2": 4, "NEEDS_GATE": True, "NEEDS_UP": True}
+BACKWARD = {"BLOCK_T": 8, "BLOCK_F": 128, "ROW_STEPS": 16, "K_POW2": 4, "NEEDS_GATE": True, "NEEDS_UP": True}
 VARIANTS = [
     ("forward swiglu", kernels._mix_forward_kernel,
      dict(FORWARD, CODES=SWIGLU_CODES, K=1, MODE=0, HARD=False, HAS_UP=True)),
