@@ -150,7 +150,11 @@ def load_documents(name: str, config_name: Optional[str] = None, text_field: str
         options = {"sample_by": "paragraph"} if builder == "text" else {}
         dataset = load_dataset(builder, data_files=data_files, streaming=streaming, **options)
     else:
-        dataset = load_dataset(name, name=config_name, streaming=streaming)
+        try:
+            dataset = load_dataset(name, name=config_name, streaming=streaming)
+        except (ConnectionError, FileNotFoundError) as error:  # offline, or no such dataset
+            raise ValueError(f"Cannot load the dataset {name!r} ({error}); give an existing local path, a reachable "
+                             f"Hub dataset, or {EMBEDDED_DATASET!r}.") from None
     if "train" not in dataset:
         raise ValueError(f"{name} has no 'train' split (splits: {', '.join(dataset)}).")
     evaluation = next((split for split in EVAL_SPLIT_NAMES if split in dataset), None)
