@@ -191,7 +191,7 @@ class RoutingMonitorCallback(TrainerCallback):
             self.probe_tokens = self._default_budget(args, state)
         self._select_probe(self.probe_tokens)
         if self.trainer.is_world_process_zero():
-            print(
+            tqdm.write(  # the progress bar is already drawn
                 f"Routing monitor: {self.probe_token_count} probe tokens from {self.probe_examples} example(s) per "
                 f"process and measurement (--routing_probe_tokens, default sized to ~{PROBE_COST_SHARE:.0%} of the "
                 f"run), at the start, every {self.arguments.routing_monitor_steps} steps and at the end "

@@ -5,7 +5,6 @@ import random
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -15,13 +14,7 @@ from modeling_polyglu.conversion.qwen3 import convert_qwen3
 from modeling_polyglu.training.saving import _shard_plan, resave_like_source
 from modeling_polyglu.training.sft import build_parser, run_sft
 
-
-def tensors_and_dtypes(directory):
-    found = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            found.update({name: handle.get_tensor(name) for name in handle.keys()})
-    return found
+from ..conversion.test_qwen3 import tensors_of
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +47,7 @@ def test_full_fine_tuning_saves_in_the_source_dtype_and_shards_with_a_card(bf16_
         "--learning_rate", "1e-2", "--routing_monitor_steps", "0", "--disable_tqdm", "true",
     ]
     trainer = run_sft(*build_parser().parse_args_and_config(args=arguments), quiet=True)
-    saved = tensors_and_dtypes(output)
+    saved = tensors_of(output)
     assert len(list(output.glob("*.safetensors"))) == len(list(source.glob("*.safetensors"))) > 1
     assert (output / "model.safetensors.index.json").is_file() and not list(output.glob(".resave-*"))
     assert all((tensor.dtype == torch.float32) == (".router." in name) for name, tensor in saved.items())
@@ -76,7 +69,7 @@ def test_resave_splits_and_joins_shards(tmp_path):
     resave_like_source(tmp_path, "float16", max_shard_bytes=2 * 64 * 64 * 2)
     assert sorted(path.name for path in tmp_path.glob("*.safetensors")) == [
         "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]
-    saved = tensors_and_dtypes(tmp_path)
+    saved = tensors_of(tmp_path)
     assert saved["model.layers.0.mlp.router.alpha"].dtype == torch.float32
     assert torch.equal(saved["model.layers.3.w"], tensors["model.layers.3.w"].half())
     resave_like_source(tmp_path, None, max_shard_bytes=2**30)
