@@ -226,8 +226,7 @@ def test_deepspeed_bf16_saves_fp32_router_masters(engine, workspace):
 
     output_dir = workspace.root / f"{engine}_bf16"
     run_engine(workspace, engine, output_dir, "--bf16", "true")
-    dtypes = _assert_checkpoint_is_ours(output_dir)
-    assert {dtype for key, dtype in dtypes.items() if ".router." not in key} == {"BF16"}  # DeepSpeed's 16-bit save
+    _assert_checkpoint_is_ours(output_dir)  # (the other weights are written back in the source's dtype, fp32 here)
     saved = load_file(str(output_dir / "model.safetensors"))
     masters = get_fp32_state_dict_from_zero_checkpoint(str(output_dir / f"checkpoint-{MAX_STEPS}"))
     alpha_errors = []
