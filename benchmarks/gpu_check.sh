@@ -41,7 +41,11 @@ fi
 echo "installed from .whl: ${missing[*]:-nothing}"
 
 stage "kernel tests on CUDA (compiled)"
-timeout 170 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_triton_mixing_kernel.py 2>&1 | tee "$OUT/tests.txt"
+# each test compiles its own program variants (~2 s each, one core): spread them over 4 workers where xdist exists
+workers=()
+"$PYTHON" -c "import xdist" 2>/dev/null && workers=(-n 4)
+timeout 170 "$PYTHON" -m pytest -q -p no:cacheprovider "${workers[@]}" tests/test_triton_mixing_kernel.py 2>&1 \
+    | tee "$OUT/tests.txt"
 tests_status=${PIPESTATUS[0]}
 
 stage "ffn suite on CUDA"

@@ -8,6 +8,7 @@ absolute numbers drift, the ratios much less. Nothing here asserts anything abou
 """
 
 import datetime
+import importlib.metadata
 import json
 import logging
 import math
@@ -265,7 +266,16 @@ def environment_info(threads: int) -> dict:
     }
     if torch.cuda.is_available():
         info["mixing_kernels_compiled_cuda"] = compilation_state("cuda")
+        info["triton"] = _installed_version("triton")  # the Triton mixing kernel's compiler, when installed
+        info["liger_kernel"] = _installed_version("liger-kernel")
     return info
+
+
+def _installed_version(distribution: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def progress(args, message: str) -> None:
