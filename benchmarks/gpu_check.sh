@@ -32,7 +32,8 @@ missing=()
 for wheel in .whl/*.whl; do
     [ -e "$wheel" ] || continue
     name=$(basename "$wheel" | cut -d- -f1)
-    "$PYTHON" -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$name" 2>/dev/null || missing+=("$wheel")
+    "$PYTHON" -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$name" 2>/dev/null \
+        || missing+=("$wheel")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${missing[@]}" \

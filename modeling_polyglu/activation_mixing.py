@@ -327,11 +327,12 @@ def _triton_kernel_for(backend, gate, up, static_logits, token_logits, activatio
     """The Triton kernel's functions when they run these inputs, else None.
 
     "fused": routed mixings of CUDA tensors where triton is importable and POLYGLU_DISABLE_TRITON_KERNEL is not
-    set (a fixed activation stays on torch's kernels, as in transformers' models). "triton": every mixing, or an error that names the fix. Inside
-    torch.compile both leave the op to Inductor, which traces the torch functions.
+    set (a fixed activation stays on torch's kernels, as in transformers' models). "triton": every mixing, or an
+    error that names the fix. Inside torch.compile both leave the op to Inductor, which traces the torch functions.
     """
     if backend not in MIXING_BACKENDS:
-        raise ValueError(f"backend={backend!r} is not supported; choose one of {', '.join(map(repr, MIXING_BACKENDS))}.")
+        choices = ", ".join(map(repr, MIXING_BACKENDS))
+        raise ValueError(f"backend={backend!r} is not supported; choose one of {choices}.")
     if torch.compiler.is_compiling():
         return None
     if backend == "fused":

@@ -411,10 +411,11 @@ def unsupported_reason(gate, up, activations, static_logits, token_logits, norma
         return f"mixing_backend='triton' runs on CUDA tensors, not on {gate.device.type}; use mixing_backend='fused'."
     dtypes = {t.dtype for t in (gate, up) if t is not None}
     if not dtypes <= set(SUPPORTED_DTYPES):
-        return (f"mixing_backend='triton' takes float32, bfloat16 or float16 activations, got {sorted(map(str, dtypes))}; "
-                "use mixing_backend='fused'.")
+        return ("mixing_backend='triton' takes float32, bfloat16 or float16 activations, got "
+                f"{sorted(map(str, dtypes))}; use mixing_backend='fused'.")
+    static_shape = None if static_logits is None else tuple(static_logits.shape)
     return (f"mixing_backend='triton' does not take this mixing ({len(activations)} activations {activations}, "
-            f"normalization={normalization!r}, static logits {None if static_logits is None else tuple(static_logits.shape)}); "
+            f"normalization={normalization!r}, static logits {static_shape}); "
             "it takes 1-8 activations with per-layer, per-token or (softmax) per-neuron coefficients. "
             "Use mixing_backend='fused'.")
 
@@ -520,7 +521,9 @@ def mix_backward(grad_out, gate, up, static_logits, token_logits, activations, t
     )
     row_sums = row_partial.sum(dim=0) if needs_row_sums else None  # [K, R]
     if neuron_token:
-        grad_static = static_gradient_from_blocks(column_partial, batch, tables.sequences) if needs_column_sums else None
+        grad_static = None
+        if needs_column_sums:
+            grad_static = static_gradient_from_blocks(column_partial, batch, tables.sequences)
         grad_static, grad_token = assemble_logit_gradients(row_sums, grad_static, static_logits, token_logits,
                                                            needs_token, batch, length)
     else:

@@ -3,7 +3,8 @@
 Without a GPU the programs run in Triton's interpreter on CPU tensors, in a process started with TRITON_INTERPRET=1
 (test_triton_mixing_kernel_process.py starts it; triton.jit reads the variable when triton is imported, which
 the package does through torch._dynamo). With CUDA the same tests run compiled on the GPU
-(benchmarks/gpu_check.sh). Skipped without triton (or numpy, which the interpreter needs) unless POLYGLU_REQUIRE_TRITON=1.
+(benchmarks/gpu_check.sh). Skipped without triton (or numpy, which the interpreter needs) unless
+POLYGLU_REQUIRE_TRITON=1.
 
 Tolerances, norm-wise relative ‖a−b‖/‖b‖ against the naive path on the same inputs:
 * fp32: outputs and the gate / up gradients within 1e-5; router-logit gradients within 1e-4 (they are sums of
@@ -55,7 +56,8 @@ SMALL_TILES = {"BLOCK_T": 4, "BLOCK_F": 32, "ROW_STEPS": 2, "num_warps": 4}
 SMALL_TILES_SHAPE = (2, 11, 37)  # 2 token programs of 2 and 1 steps, 2 neuron blocks, partial tiles at every edge
 # hard routing applies to softmax mixings only; a plain (ungated) FFN changes only the loads and stores
 CASES = [(layout, hard, gated) for layout in LAYOUTS for gated in (True, False) for hard in (False, True)
-         if not (hard and layout[3] == "linear") and not (hard and not gated and layout[0] != "factorised_token_x_neuron")]
+         if not (hard and layout[3] == "linear")
+         and not (hard and not gated and layout[0] != "factorised_token_x_neuron")]
 
 
 def on_device(inputs, dtype=None):
@@ -112,6 +114,22 @@ def test_fp32_matches_naive_across_many_programs(layout, hard, small_tiles):
     assert output_error <= FP32_BOUND
     assert max(input_errors) <= FP32_BOUND, input_errors
     assert max(router_errors, default=0.0) <= ROUTER_BOUND, router_errors
+
+
+@pytest.mark.parametrize("layout", [LAYOUTS[4], LAYOUTS[5]], ids=lambda layout: layout[0])
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_frozen_routers_get_no_logit_gradients_and_the_same_input_gradients(layout, hard):
+    """Routers frozen (PEFT): the backward skips the logit reductions; the gate and up gradients do not change."""
+    _, _, _, normalization, activations = layout
+    inputs = on_device(make_inputs(layout, ODD_SHAPE))
+    frozen = [t if i < 2 or t is None else t.detach() for i, t in enumerate(inputs)]
+    kwargs = dict(tau=0.7, normalization=normalization, hard=hard)
+    output = mix_activations(*frozen[:2], activations, *frozen[2:], **kwargs, backend="triton")
+    expected = mix_activations_naive(*frozen[:2], activations, *frozen[2:], **kwargs)
+    upstream = torch.randn(output.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    for grad, expected_grad in zip(torch.autograd.grad(output, frozen[:2], upstream),
+                                   torch.autograd.grad(expected, frozen[:2], upstream)):
+        assert relative(grad, expected_grad) <= FP32_BOUND
 
 
 @pytest.mark.parametrize("layout", [LAYOUTS[i] for i in (0, 4, 5, 7)], ids=lambda layout: layout[0])
