@@ -24,6 +24,7 @@ MAX_STEPS = 5
 MONITOR_EVERY = 2
 MONITORED_STEPS = [0, 2, 4, 5]  # start, every 2 steps, end of training
 PROBE_SIZE = 8
+PROBE_TOKENS = 1024  # per process: the whole probe set is measured (the default budget would cut it)
 MAX_LENGTH = 128
 SEED = 42  # the recipes' seed: the probe split depends on it
 LAUNCH_TIMEOUT = 420
@@ -102,6 +103,7 @@ def sft_arguments(workspace, recipe: str, output_dir: Path, *overrides: str) -> 
         "--gradient_accumulation_steps", "1",
         "--max_length", str(MAX_LENGTH),
         "--routing_probe_size", str(PROBE_SIZE),
+        "--routing_probe_tokens", str(PROBE_TOKENS),
         "--routing_monitor_steps", str(MONITOR_EVERY),
         *overrides,
     ]
