@@ -29,36 +29,35 @@ INTEGER_ARGUMENTS = {"R", "T", "F", "static_k_stride", "static_sequence_stride"}
 TABLE_POINTERS = {"weights_ptr", "soft_ptr", "static_logits_ptr", "static_factor_ptr", "token_logits_ptr",
                   "token_factor_ptr", "row_partial_ptr", "column_partial_ptr"}
 
+
+def forward(name, **overrides):
+    """A forward variant: the 4-activation dictionary, gated, row-wise soft unless overridden."""
+    constexprs = dict(BLOCK_T=8, BLOCK_F=256, CODES=DICTIONARY_CODES, K=4, MODE=1, HARD=False, HAS_UP=True)
+    return (f"forward {name}", kernels._mix_forward_kernel, {**constexprs, **overrides})
+
+
+def backward(name, **overrides):
+    """A backward variant: as forward, with every gradient and the row sums of the logit gradient."""
+    constexprs = dict(BLOCK_T=8, BLOCK_F=128, ROW_STEPS=16, CODES=DICTIONARY_CODES, K=4, K_POW2=4, MODE=1,
+                      HARD=False, SOFTMAX=True, HAS_UP=True, NEEDS_GATE=True, NEEDS_UP=True, NEEDS_LOGIT_GRADS=True,
+                      NEEDS_ROW_SUMS=True, NEEDS_COLUMN_SUMS=False)
+    return (f"backward {name}", kernels._mix_backward_kernel, {**constexprs, **overrides})
+
+
 # (name, program, constexprs): the variants mix_forward / mix_backward launch for the ffn types
-FORWARD = {"BLOCK_T": 8, "BLOCK_F": 256}
-BACKWARD = {"BLOCK_T": 8, "BLOCK_F": 128, "ROW_STEPS": 16, "K_POW2": 4, "NEEDS_GATE": True, "NEEDS_UP": True}
 VARIANTS = [
-    ("forward swiglu", kernels._mix_forward_kernel,
-     dict(FORWARD, CODES=SWIGLU_CODES, K=1, MODE=0, HARD=False, HAS_UP=True)),
-    ("forward moa (row-wise)", kernels._mix_forward_kernel,
-     dict(FORWARD, CODES=DICTIONARY_CODES, K=4, MODE=1, HARD=False, HAS_UP=True)),
-    ("forward polyglu", kernels._mix_forward_kernel,
-     dict(FORWARD, CODES=DICTIONARY_CODES, K=4, MODE=2, HARD=False, HAS_UP=True)),
-    ("forward polyglu hard", kernels._mix_forward_kernel,
-     dict(FORWARD, CODES=DICTIONARY_CODES, K=4, MODE=2, HARD=True, HAS_UP=True)),
-    ("backward swiglu", kernels._mix_backward_kernel,
-     dict(BACKWARD, CODES=SWIGLU_CODES, K=1, K_POW2=1, MODE=0, HARD=False, SOFTMAX=False, HAS_UP=True,
-          NEEDS_LOGIT_GRADS=False, NEEDS_ROW_SUMS=False, NEEDS_COLUMN_SUMS=False)),
-    ("backward moa (row-wise softmax)", kernels._mix_backward_kernel,
-     dict(BACKWARD, CODES=DICTIONARY_CODES, K=4, MODE=1, HARD=False, SOFTMAX=True, HAS_UP=True,
-          NEEDS_LOGIT_GRADS=True, NEEDS_ROW_SUMS=True, NEEDS_COLUMN_SUMS=False)),
-    ("backward moa hard, frozen routers (row-wise, no logit gradients)", kernels._mix_backward_kernel,
-     dict(BACKWARD, CODES=DICTIONARY_CODES, K=4, MODE=1, HARD=True, SOFTMAX=True, HAS_UP=True,
-          NEEDS_LOGIT_GRADS=False, NEEDS_ROW_SUMS=False, NEEDS_COLUMN_SUMS=False)),
-    ("backward la (row-wise linear, no up)", kernels._mix_backward_kernel,
-     dict(BACKWARD, CODES=DICTIONARY_CODES, K=4, MODE=1, HARD=False, SOFTMAX=False, HAS_UP=False, NEEDS_UP=False,
-          NEEDS_LOGIT_GRADS=True, NEEDS_ROW_SUMS=True, NEEDS_COLUMN_SUMS=False)),
-    ("backward polyglu", kernels._mix_backward_kernel,
-     dict(BACKWARD, CODES=DICTIONARY_CODES, K=4, MODE=2, HARD=False, SOFTMAX=True, HAS_UP=True,
-          NEEDS_LOGIT_GRADS=True, NEEDS_ROW_SUMS=True, NEEDS_COLUMN_SUMS=True)),
-    ("backward polyglu hard", kernels._mix_backward_kernel,
-     dict(BACKWARD, CODES=DICTIONARY_CODES, K=4, MODE=2, HARD=True, SOFTMAX=True, HAS_UP=True,
-          NEEDS_LOGIT_GRADS=True, NEEDS_ROW_SUMS=True, NEEDS_COLUMN_SUMS=True)),
+    forward("swiglu", CODES=SWIGLU_CODES, K=1, MODE=0),
+    forward("moa (row-wise)"),
+    forward("polyglu", MODE=2),
+    forward("polyglu hard", MODE=2, HARD=True),
+    backward("swiglu", CODES=SWIGLU_CODES, K=1, K_POW2=1, MODE=0, SOFTMAX=False, NEEDS_LOGIT_GRADS=False,
+             NEEDS_ROW_SUMS=False),
+    backward("moa (row-wise softmax)"),
+    backward("moa hard, frozen routers (row-wise, no logit gradients)", HARD=True, NEEDS_LOGIT_GRADS=False,
+             NEEDS_ROW_SUMS=False),
+    backward("la (row-wise linear, no up)", SOFTMAX=False, HAS_UP=False, NEEDS_UP=False),
+    backward("polyglu", MODE=2, NEEDS_COLUMN_SUMS=True),
+    backward("polyglu hard", MODE=2, HARD=True, NEEDS_COLUMN_SUMS=True),
 ]
 
 
