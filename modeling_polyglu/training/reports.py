@@ -89,11 +89,11 @@ def axis_top(values: list[float], upper: Optional[float] = None) -> float:
 
 
 def _cell_edges(steps: list[int]) -> list[float]:
-    """Column edges halfway between measured steps, so every column is centred on its step."""
+    """Column edges halfway between measured steps; the first and last columns end at their step, so the axis
+    covers exactly the steps measured (no negative steps)."""
     if len(steps) == 1:
         return [steps[0] - 0.5, steps[0] + 0.5]
-    middles = [(a + b) / 2 for a, b in zip(steps, steps[1:])]
-    return [steps[0] - (middles[0] - steps[0])] + middles + [steps[-1] + (steps[-1] - middles[-1])]
+    return [steps[0]] + [(a + b) / 2 for a, b in zip(steps, steps[1:])] + [steps[-1]]
 
 
 def _plot_series(history: list[dict], statistic: str, path: Path, ylabel: str, title: str,
@@ -129,6 +129,8 @@ def _plot_series(history: list[dict], statistic: str, path: Path, ylabel: str, t
     heat_axis.set_ylabel("layer")
     heat_axis.set_xlabel("training step")
     heat_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(steps) == 1:  # one column: its step is the only tick (no 5.5 … 6.5)
+        heat_axis.set_xticks(steps)
     heat_axis.yaxis.set_major_locator(MaxNLocator(integer=True))
     heat_axis.invert_yaxis()  # layer 0 at the top, as in the usage heatmap
     figure.colorbar(mesh, ax=heat_axis, label=ylabel)
