@@ -12,6 +12,8 @@ DDP keeps a whole fp32 replica on every rank. The others do not:
 Every function here that may run a collective must be called on every rank in the same order.
 """
 
+from typing import Optional
+
 import torch
 
 from .routing_stats import unwrap_polyglu_model
@@ -64,14 +66,29 @@ def router_state_in_fp32(model, state_dict: dict, deepspeed_enabled: bool) -> di
     return {name: masters.get(name, value) for name, value in state_dict.items()}
 
 
+def without_tied_copies(model, state_dict: Optional[dict]) -> Optional[dict]:
+    """`state_dict` without the tied weights' copies (lm_head.weight of a tied model).
+
+    ZeRO-2 and FSDP2 hand over a state dict of separate tensors, so save_pretrained cannot see the tie by storage and
+    writes the embedding twice; DDP's checkpoint holds it once, and so should theirs.
+    """
+    base = unwrap_polyglu_model(model)
+    if not state_dict or not getattr(base.config, "tie_word_embeddings", False):
+        return state_dict
+    tied = getattr(base, "_tied_weights_keys", None) or {}
+    copies = [target for target, source in tied.items() if target in state_dict and source in state_dict]
+    return {name: value for name, value in state_dict.items() if name not in copies}
+
+
 class RoutersSavedInFp32Mixin:
-    """For any Trainer subclass: saved checkpoints hold the routers in fp32 (DeepSpeed's masters under bf16)."""
+    """For any Trainer subclass: saved checkpoints hold the routers in fp32 (DeepSpeed's masters under bf16), and tied
+    weights once, whichever engine gathered the state dict."""
 
     def _save(self, output_dir=None, state_dict=None):
         # every rank gathers under DeepSpeed, also those whose state dict is None; without DeepSpeed and without a
         # state dict the model's own (fp32) routers are saved
         state_dict = router_state_in_fp32(self.model, state_dict, self.is_deepspeed_enabled)
-        return super()._save(output_dir, state_dict=state_dict)
+        return super()._save(output_dir, state_dict=without_tied_copies(self.model, state_dict))
 
 
 def close_process_group() -> None:
