@@ -61,6 +61,8 @@ NOT_POSITIVE_INTEGERS = st.one_of(
 )
 INVALID_VALUES = {
     **{name: NOT_POSITIVE_INTEGERS for name in POSITIVE_INTEGER_FIELDS},
+    # None is valid for these two: derived from the attention heads, as in Qwen3Config
+    **{name: NOT_POSITIVE_INTEGERS.filter(lambda value: value is not None) for name in ("num_key_value_heads", "head_dim")},
     "routing_tau": st.one_of(st.floats(max_value=0), st.just(math.inf), st.just(math.nan), st.text(max_size=4),
                              st.booleans(), st.none()),
     "rms_norm_eps": st.one_of(st.floats(max_value=0), st.just(math.inf), st.text(max_size=2)),
