@@ -1,6 +1,7 @@
 """Helpers shared by the tests: tiny configs and models built locally (nothing is downloaded)."""
 
 import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from modeling_polyglu import FFN_TYPES, PolyGLUConfig, PolyGLUForCausalLM
 from modeling_polyglu.presets import load_preset
@@ -43,3 +44,14 @@ def tiny_model(seed: int = 0, randomize: bool = True, **overrides) -> PolyGLUFor
     if randomize:
         randomize_routers(model, seed=seed)
     return model.eval()
+
+
+def tiny_chat_qwen3(tokenizer, seed: int = 0) -> Qwen3ForCausalLM:
+    """A transformers Qwen3 (2 layers, hidden 64, tied) sized for `tokenizer`: the source model of conversion and
+    training tests."""
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    ))

@@ -6,7 +6,6 @@ import random
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from modeling_polyglu import PolyGLUForCausalLM
 from modeling_polyglu.char_tokenizer import build_chat_tokenizer
@@ -15,18 +14,14 @@ from modeling_polyglu.training.saving import _shard_plan, resave_like_source
 from modeling_polyglu.training.sft import build_parser, run_sft
 
 from ..conversion.test_qwen3 import tensors_of
+from ..utils import tiny_chat_qwen3
 
 
 @pytest.fixture(scope="module")
 def bf16_sharded_polyglu(tmp_path_factory):
     root = tmp_path_factory.mktemp("saving")
     tokenizer = build_chat_tokenizer(["0123456789+=? whatis"])
-    torch.manual_seed(0)
-    qwen3 = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )).to(torch.bfloat16)
+    qwen3 = tiny_chat_qwen3(tokenizer).to(torch.bfloat16)
     qwen3.save_pretrained(root / "qwen3", max_shard_size="40KB")
     tokenizer.save_pretrained(root / "qwen3")
     convert_qwen3(root / "qwen3", root / "polyglu", "polyglu", verify=False, log=lambda *a: None)

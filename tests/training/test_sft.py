@@ -8,7 +8,6 @@ import random
 
 import pytest
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from modeling_polyglu import PolyGLUForCausalLM
 from modeling_polyglu.char_tokenizer import build_chat_tokenizer
@@ -20,18 +19,15 @@ from modeling_polyglu.training.safeguards import TrainingStoppedOnAlert
 from modeling_polyglu.training.sft import build_parser, run_sft
 from modeling_polyglu.training.trainer import PolyGLUSFTTrainer
 
+from ..utils import tiny_chat_qwen3
+
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A converted tiny PolyGLU model (routers unbiased, so routing can move) and a chat dataset."""
     root = tmp_path_factory.mktemp("sft")
     tokenizer = build_chat_tokenizer(["0123456789+=? whatis"])
-    torch.manual_seed(0)
-    qwen3 = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    ))
+    qwen3 = tiny_chat_qwen3(tokenizer)
     qwen3.save_pretrained(root / "qwen3")
     tokenizer.save_pretrained(root / "qwen3")
     for ffn_type in ("polyglu", "moa"):
