@@ -1,5 +1,8 @@
 """Helpers shared by the tests: tiny configs and models built locally (nothing is downloaded)."""
 
+import json
+import random
+
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -55,3 +58,13 @@ def tiny_chat_qwen3(tokenizer, seed: int = 0) -> Qwen3ForCausalLM:
         num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     ))
+
+
+def write_addition_dialogues(path, count: int, seed: int = 0) -> None:
+    """`count` one-turn chats "what is a+b?" → "a+b" (a, b ≤ 20) as JSONL `messages` rows."""
+    rng = random.Random(seed)
+    with open(path, "w") as handle:
+        for _ in range(count):
+            a, b = rng.randint(0, 20), rng.randint(0, 20)
+            handle.write(json.dumps({"messages": [{"role": "user", "content": f"what is {a}+{b}?"},
+                                                  {"role": "assistant", "content": str(a + b)}]}) + "\n")

@@ -1,7 +1,6 @@
 """`polyglu sft` full fine-tuning saves like its source (dtype, shards, routers fp32) and writes a model card."""
 
 import json
-import random
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from modeling_polyglu.training.saving import _shard_plan, resave_like_source
 from modeling_polyglu.training.sft import build_parser, run_sft
 
 from ..conversion.test_qwen3 import tensors_of
-from ..utils import tiny_chat_qwen3
+from ..utils import tiny_chat_qwen3, write_addition_dialogues
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +24,7 @@ def bf16_sharded_polyglu(tmp_path_factory):
     qwen3.save_pretrained(root / "qwen3", max_shard_size="40KB")
     tokenizer.save_pretrained(root / "qwen3")
     convert_qwen3(root / "qwen3", root / "polyglu", "polyglu", verify=False, log=lambda *a: None)
-    rng = random.Random(0)
-    with open(root / "data.jsonl", "w") as handle:
-        for _ in range(40):
-            a, b = rng.randint(0, 20), rng.randint(0, 20)
-            handle.write(json.dumps({"messages": [{"role": "user", "content": f"what is {a}+{b}?"},
-                                                  {"role": "assistant", "content": str(a + b)}]}) + "\n")
+    write_addition_dialogues(root / "data.jsonl", 40)
     return root
 
 

@@ -4,7 +4,6 @@ Every run is a real `polyglu sft` (TRL SFTTrainer) on a tiny converted model and
 """
 
 import json
-import random
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from modeling_polyglu.training.safeguards import TrainingStoppedOnAlert
 from modeling_polyglu.training.sft import build_parser, run_sft
 from modeling_polyglu.training.trainer import PolyGLUSFTTrainer
 
-from ..utils import tiny_chat_qwen3
+from ..utils import tiny_chat_qwen3, write_addition_dialogues
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +31,7 @@ def workspace(tmp_path_factory):
     tokenizer.save_pretrained(root / "qwen3")
     for ffn_type in ("polyglu", "moa"):
         convert_qwen3(root / "qwen3", root / ffn_type, ffn_type, router_init_activation=None, verify=False, log=lambda *a: None)
-    rng = random.Random(0)
-    with open(root / "data.jsonl", "w") as handle:
-        for _ in range(96):
-            a, b = rng.randint(0, 20), rng.randint(0, 20)
-            handle.write(json.dumps({"messages": [{"role": "user", "content": f"what is {a}+{b}?"},
-                                                  {"role": "assistant", "content": str(a + b)}]}) + "\n")
+    write_addition_dialogues(root / "data.jsonl", 96)
     return root
 
 
