@@ -122,7 +122,8 @@ def _plot_series(history: list[dict], statistic: str, path: Path, ylabel: str, t
     line_axis.set_ylim(0.0, top * (1.0 if upper is not None else 1.05))
     line_axis.set_ylabel(ylabel)
     line_axis.set_title(title)
-    line_axis.legend(fontsize=7, loc="best")
+    if line_axis.get_legend_handles_labels()[0]:  # a statistic no layer reported draws no line
+        line_axis.legend(fontsize=7, loc="best")
     line_axis.grid(alpha=0.3)
     mesh = heat_axis.pcolormesh(_cell_edges(steps), [layer - 0.5 for layer in layers] + [layers[-1] + 0.5], grid,
                                 cmap="viridis", vmin=0.0, vmax=top, shading="flat")
