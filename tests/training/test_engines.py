@@ -58,21 +58,21 @@ def accelerate_config(name: str) -> tuple:
     return ("--config_file", str(RECIPES / "accelerate" / f"{name}.yaml"), "--mixed_precision", "no")
 
 
-def run_engine(workspace, engine: str, output_dir, *extra: str):
-    """One 2-rank run of `engine` with the DDP run's settings (plus `extra`)."""
-    overrides = (*RUN_OVERRIDES, "--report_to", "none", *extra)
+def run_engine(workspace, engine: str, output_dir, *extra: str, recipe: str = RECIPE, overrides=RUN_OVERRIDES):
+    """One 2-rank run of `engine` with the DDP run's settings (plus `extra`); `recipe`/`overrides` for other runs."""
+    overrides = (*overrides, "--report_to", "none", *extra)
     if engine in ("zero2", "zero3"):
         config = "deepspeed_zero2" if engine == "zero2" else "deepspeed_zero3"
         return launch_two_ranks(
-            workspace, RECIPE, output_dir, *overrides, launcher=accelerate_config(config), entry=(str(RECIPES / "sft.py"),)
+            workspace, recipe, output_dir, *overrides, launcher=accelerate_config(config), entry=(str(RECIPES / "sft.py"),)
         )
     if engine == "fsdp2":
         shim = str(REPO / "tests" / "training" / "fsdp_on_cpu.py")
-        return launch_two_ranks(workspace, RECIPE, output_dir, *overrides, launcher=accelerate_config("fsdp"), entry=(shim,))
+        return launch_two_ranks(workspace, recipe, output_dir, *overrides, launcher=accelerate_config("fsdp"), entry=(shim,))
     command = [
         sys.executable, str(RECIPES / "ray_train.py"), "--num_workers", "2",
         "--storage_path", str(output_dir.parent / f"{output_dir.name}_ray"), "--",
-        *sft_arguments(workspace, RECIPE, output_dir, *overrides),
+        *sft_arguments(workspace, recipe, output_dir, *overrides),
     ]
     return run_checked(command, output_dir)
 
