@@ -35,6 +35,7 @@ RECIPE_SUFFIXES = (".yaml", ".yml")
 TRAINING_SETTINGS = (
     "max_steps", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "weight_decay",
     "warmup_steps", "lr_scheduler_type", "adam_beta1", "adam_beta2", "eval_steps", "seed", "data_seed",
+    "world_size",  # processes: with per_device_train_batch_size, the batch each step trains on
 )
 
 
