@@ -2,8 +2,8 @@
 
 Both runs: the tiny-debug polyglu preset, a local 120-document corpus, packed rows of 32 tokens, 4 steps of 4 rows
 (one process x 4, or 2 ranks x 2: the packed row stream is dispatched in order, so both see the same rows), eval and
-routing measurements every 2 steps, fp32. Routing noise is off: each process draws its own Gumbel noise, so with
-noise the runs are equal only in distribution.
+routing measurements every 2 steps, fp32. Routing noise is off: each process draws Gumbel noise for its own rows
+(from RNGs the Trainer seeds alike), not one process's draw for all 4 rows, so with noise the runs differ.
 
 Against one process (relative 1e-5):
 - the training loss and grad norm of every step and every held-out eval loss [test_ddp_pretrain_trains_like_one_process]
