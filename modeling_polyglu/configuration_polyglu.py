@@ -161,9 +161,10 @@ class PolyGLUConfig(PreTrainedConfig):
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",
         "layers.*.self_attn.v_proj": "colwise",
-        # per-head norms see every rank's heads: replicated, their gradients summed over the ranks (as Qwen3)
-        "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
-        "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
+        # per-head norms: replicated, but each rank's sees only its heads, so their gradients are summed over the
+        # ranks, in the graph (Qwen3's replicated_with_grad_allreduce re-adds earlier micro-batches when accumulating)
+        "layers.*.self_attn.q_norm": "polyglu_replicated_summed_gradients",
+        "layers.*.self_attn.k_norm": "polyglu_replicated_summed_gradients",
         "layers.*.self_attn.o_proj": "rowwise",
         "layers.*.mlp.gate_proj": "colwise",
         "layers.*.mlp.up_proj": "colwise",

@@ -513,6 +513,33 @@ class _SumGradientOverRanks(torch.autograd.Function):
         return gradient, None
 
 
+def _swap_parameters(module: nn.Module, tensors: dict) -> dict:
+    """Put `tensors` in place of the (possibly nested) parameters of those names; returns what they replaced."""
+    replaced = {}
+    for name, tensor in tensors.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        replaced[name] = owner._parameters[leaf]
+        owner._parameters[leaf] = tensor
+    return replaced
+
+
+def _gradient_summing_views(module: nn.Module, group, skip=(), recurse: bool = True) -> dict:
+    """Identity views of the trainable parameters whose gradients are summed over `group` inside the graph.
+
+    Summing in the graph adds each backward's own partial gradient once. Summing `param.grad` after accumulation
+    (a post-accumulate hook) would add the earlier micro-batches again on every backward of a gradient-accumulation
+    window, so replicated parameters would train on a different gradient than one unsharded process.
+    """
+    if not torch.is_grad_enabled():
+        return {}
+    return {
+        name: _SumGradientOverRanks.apply(parameter, group)
+        for name, parameter in module.named_parameters(recurse=recurse)
+        if parameter.requires_grad and name not in skip
+    }
+
+
 def _shard_offset(parameter: torch.Tensor) -> int:
     """First row of this rank's Shard(0) slice of a DTensor (DTensor splits like torch.chunk); 0 if not sharded."""
     mesh = getattr(parameter, "device_mesh", None)
@@ -522,61 +549,73 @@ def _shard_offset(parameter: torch.Tensor) -> int:
     return sum(sizes[: mesh.get_local_rank()])
 
 
-def _router_tensor_parallel_style():
-    """The plan's `polyglu_router` style for every router module, or None where transformers has no TP styles.
+def _tensor_parallel_styles() -> dict:
+    """The plan's own styles ({} where transformers has no TP styles to extend).
 
-    Each rank computes the gate/up columns of its d_ff slice, so a router's output reaches only that slice: the
-    gradients of its replicated parameters (β, proj_in/out, token-router and gate weights) and of its input are
-    partial sums, and are all-reduced. PolyGLU's α is split on d_ff by its own `colwise` entry and used as the local
-    slice. Gumbel noise is drawn for every neuron and sliced, so each rank adds its share of the unsharded draw
-    (the ranks must share their RNG state, as ranks seeded alike do).
+    * `polyglu_router`, for every router module. Each rank computes the gate/up columns of its d_ff slice, so a
+      router's output reaches only that slice: the gradients of its replicated parameters (β, proj_in/out,
+      token-router and gate weights) and of its input are partial sums, summed over the ranks. PolyGLU's α is split
+      on d_ff by its own `colwise` entry and used as the local slice. Gumbel noise is drawn for every neuron and
+      sliced, so each rank adds its share of the unsharded draw (the ranks must share their RNG state, as ranks
+      seeded alike do).
+    * `polyglu_replicated_summed_gradients`, for q_norm/k_norm: replicated weights that see only this rank's heads.
+      transformers' `replicated_with_grad_allreduce` all-reduces `param.grad` after each backward, which counts
+      earlier micro-batches again under gradient accumulation; this one sums each backward's gradient in the graph.
     """
     try:
         from transformers.distributed.tensor_parallel import TensorParallelLayer
     except ImportError:
-        return None
+        return {}
 
     class RouterTensorParallel(TensorParallelLayer):
         def install_forward(self, module, mesh):
             original_forward = module.forward
             group = mesh.get_group()
-            hooked: dict = {}
-
-            def all_reduce_gradient(parameter):
-                torch.distributed.all_reduce(parameter.grad, group=group)
 
             def tp_forward(hidden_states, *args, **kwargs):
                 sharded = {name: p for name, p in module.named_parameters(recurse=False) if hasattr(p, "device_mesh")}
+                views = _gradient_summing_views(module, group, skip=sharded)
                 if torch.is_grad_enabled():
-                    # hooked on first use: loading replaces the parameters that existed when the plan was applied
-                    for name, parameter in module.named_parameters():
-                        if parameter.requires_grad and name not in sharded and hooked.get(name) is not parameter:
-                            parameter.register_post_accumulate_grad_hook(all_reduce_gradient)
-                            hooked[name] = parameter
                     hidden_states = _SumGradientOverRanks.apply(hidden_states, group)
                 if "alpha" in sharded:
                     module.neuron_offset = _shard_offset(sharded["alpha"])
-                module._parameters.update({name: parameter.to_local() for name, parameter in sharded.items()})
+                replaced = _swap_parameters(module, {**views, **{name: p.to_local() for name, p in sharded.items()}})
                 try:
                     return original_forward(hidden_states, *args, **kwargs)
                 finally:
-                    module._parameters.update(sharded)
+                    _swap_parameters(module, replaced)
 
             module.forward = tp_forward
             return module
 
-    return RouterTensorParallel()
+    class ReplicatedSummedGradients(TensorParallelLayer):
+        def install_forward(self, module, mesh):
+            original_forward = module.forward
+            group = mesh.get_group()
+
+            def tp_forward(*args, **kwargs):
+                replaced = _swap_parameters(module, _gradient_summing_views(module, group, recurse=False))
+                try:
+                    return original_forward(*args, **kwargs)
+                finally:
+                    _swap_parameters(module, replaced)
+
+            module.forward = tp_forward
+            return module
+
+    return {"polyglu_router": RouterTensorParallel(), "polyglu_replicated_summed_gradients": ReplicatedSummedGradients()}
 
 
-def _register_router_tensor_parallel_style() -> None:
-    style = _router_tensor_parallel_style()
-    if style is not None:
+def _register_tensor_parallel_styles() -> None:
+    styles = _tensor_parallel_styles()
+    if styles:
         from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
 
-        ALL_PARALLEL_STYLES.register("polyglu_router", style)
+        for name, style in styles.items():
+            ALL_PARALLEL_STYLES.register(name, style)
 
 
-_register_router_tensor_parallel_style()
+_register_tensor_parallel_styles()
 
 
 def mixer_spec(config: PolyGLUConfig, ffn_type: str):
