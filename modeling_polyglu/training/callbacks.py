@@ -104,6 +104,17 @@ class RoutingTauCallback(TrainerCallback):
         base.set_routing_tau(tau_at(progress, self.start, self.end, self.arguments.routing_tau_schedule))
 
 
+def probe_shard_layout(trainer) -> tuple[int, int]:
+    """(shards, this rank's shard) of the probe set: one shard per data-parallel group.
+
+    Under tensor parallelism the ranks of a group must run the same forwards (their collectives pair up), and each
+    computes the routing of its own slice of d_ff; transformers lays the tensor-parallel dimension innermost, so a
+    group is `tp_size` consecutive ranks.
+    """
+    tensor_parallel = getattr(unwrap_polyglu_model(trainer.model), "tp_size", None) or 1
+    return trainer.args.world_size // tensor_parallel, trainer.args.process_index // tensor_parallel
+
+
 def default_probe_token_budget(max_steps: int, monitor_steps: int, tokens_per_step: float) -> int:
     """Probe tokens per measurement so that all measurements (start, every `monitor_steps`, end) cost ≈ PROBE_COST_SHARE."""
     measurements = 1 + math.ceil(max_steps / monitor_steps) if monitor_steps > 0 else 2
@@ -130,9 +141,11 @@ class RoutingMonitorCallback(TrainerCallback):
         self.arguments = arguments
         self.probe = RoutingProbe(max_neurons=arguments.routing_max_neurons)
         self.probe_token_lists, self.pad_token_id = probe_token_lists, pad_token_id
-        if len(probe_token_lists) < trainer.args.world_size:
+        self.shards, self.shard_index = probe_shard_layout(trainer)
+        if len(probe_token_lists) < self.shards:
             raise ValueError(
-                f"routing_probe_size ({len(probe_token_lists)}) must be at least the number of processes ({trainer.args.world_size})."
+                f"routing_probe_size ({len(probe_token_lists)}) must be at least the number of data-parallel "
+                f"processes ({self.shards})."
             )
         # fixed now when given; the default budget needs max_steps and is chosen at on_train_begin
         self.probe_tokens = arguments.routing_probe_tokens or MAX_PROBE_TOKENS
@@ -148,8 +161,9 @@ class RoutingMonitorCallback(TrainerCallback):
         self.last_measured_step = None
 
     def _select_probe(self, tokens_per_process: int) -> None:
-        """This rank's probe batches: the examples cut to the budget, then dealt out in equal counts to the ranks."""
-        world, rank = self.trainer.args.world_size, self.trainer.args.process_index
+        """This rank's probe batches: the examples cut to the budget, then dealt out in equal counts to the ranks
+        (to the data-parallel groups: the ranks of a tensor-parallel group run the same examples together)."""
+        world, rank = self.shards, self.shard_index
         kept = cut_to_token_budget(self.probe_token_lists, tokens_per_process * world)
         if len(kept) < world:  # less than one example per rank: every rank gets one example, cut to the budget
             kept = [ids[:tokens_per_process] for ids in self.probe_token_lists[:world]]

@@ -77,6 +77,21 @@ def unwrap_polyglu_model(model):
     raise ValueError(f"{type(model).__name__} is not a PolyGLU-family model (config.model_type must be 'polyglu').")
 
 
+def tensor_parallel_copies(base) -> list[int]:
+    """Per layer, how many ranks of the tensor-parallel group measure the same routing weights (1 without TP).
+
+    PolyGLU's α is split on d_ff, so each rank sees its own neurons and the summed counts are whole; a token-level
+    router's weights are the same on every rank of the group, so its counts are summed `tp_size` times. Shares and
+    means are ratios of two such sums and need no correction; absolute counts (NaN/inf) are divided by this.
+    """
+    tensor_parallel = getattr(base, "tp_size", None) or 1
+    copies = []
+    for layer in base.model.layers:
+        alpha = getattr(getattr(layer.mlp, "router", None), "alpha", None)
+        copies.append(1 if alpha is not None and hasattr(alpha, "device_mesh") else tensor_parallel)
+    return copies
+
+
 def layer_kinds(model) -> list[Optional[str]]:
     """Per decoder layer: 'softmax', 'linear_coefficients', 'gate' or None (fixed activation)."""
     base = unwrap_polyglu_model(model)
@@ -136,7 +151,7 @@ class RoutingProbe:
                 token_offset += int(real.sum())
         finally:
             model.train(was_training)
-        metrics = self._finish(base, kinds, activations, sums)
+        metrics = self._finish(base, kinds, activations, sums, tensor_parallel_copies(base))
         return metrics, new_snapshot
 
     def _softmax_layer(self, index, probabilities, sums, snapshot, new_snapshot, token_offset):
@@ -199,7 +214,7 @@ class RoutingProbe:
                 dist.all_reduce(reduced, op=op)
                 layer.values[name] = reduced.cpu()
 
-    def _finish(self, base, kinds, activations, sums) -> dict:
+    def _finish(self, base, kinds, activations, sums, copies) -> dict:
         self._all_reduce(sums)
         metrics, entropies, flips, kls, nonfinite, static = {}, [], [], [], 0.0, []
         for index, (kind, acts, layer_sums) in enumerate(zip(kinds, activations, sums)):
@@ -213,8 +228,8 @@ class RoutingProbe:
                 for k, name in enumerate(acts):
                     metrics[f"{prefix}/usage_argmax/{name}"] = float(values["usage_argmax"][k]) / decisions
                     metrics[f"{prefix}/usage_mean/{name}"] = float(values["usage_mean"][k]) / decisions
-                metrics[f"{prefix}/nonfinite"] = float(values["nonfinite"])
-                nonfinite += float(values["nonfinite"])
+                metrics[f"{prefix}/nonfinite"] = float(values["nonfinite"]) / copies[index]
+                nonfinite += metrics[f"{prefix}/nonfinite"]
                 if "compared" in values:
                     metrics[f"{prefix}/flip_rate"] = float(values["flips"]) / float(values["compared"])
                     metrics[f"{prefix}/kl_from_initial"] = float(values["kl"]) / float(values["compared"])

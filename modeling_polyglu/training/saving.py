@@ -56,19 +56,22 @@ def _shard_plan(tensors: list[tuple[str, int]], max_shard_bytes: int) -> list[li
     return shards + ([current] if current else [])
 
 
-def resave_like_source(directory, dtype_name: Optional[str], max_shard_bytes: int) -> None:
+def resave_like_source(directory, dtype_name: Optional[str], max_shard_bytes: int, tied: dict = None) -> None:
     """Rewrite the weights of `directory` in `dtype_name` (routers fp32) and in shards of ≤ max_shard_bytes.
 
+    `tied` maps a tied weight's name to the one it shares storage with (lm_head → embeddings): a saved copy equal
+    to its source is left out, as save_pretrained does (a tensor-parallel save writes both).
     New shards are written to a temporary folder inside `directory` and moved in when all are complete; the old
     weight files are removed last.
     """
     directory = Path(directory)
     target = DTYPES.get(dtype_name)
     old_files = safetensors_shards(directory)
+    duplicates = _saved_tied_copies(old_files, tied or {})
     located, sizes = {}, []
     for shard in old_files:  # headers only
         with safe_open(str(shard), framework="pt") as handle:
-            for name in handle.keys():
+            for name in (name for name in handle.keys() if name not in duplicates):
                 piece = handle.get_slice(name)
                 kept = target is None or is_router_tensor(name) or piece.get_dtype() not in FLOAT_CODES
                 element = FLOAT_CODES.get(piece.get_dtype(), 8) if kept else torch.empty((), dtype=target).element_size()
@@ -105,6 +108,21 @@ def resave_like_source(directory, dtype_name: Optional[str], max_shard_bytes: in
         config = json.loads(config_path.read_text())
         config["dtype"] = dtype_name
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _saved_tied_copies(files: list, tied: dict) -> set:
+    """The names in `tied` that the files hold next to their source with equal values."""
+    located = {}
+    for shard in files:
+        with safe_open(str(shard), framework="pt") as handle:
+            located.update(dict.fromkeys(handle.keys(), shard))
+    copies = set()
+    for name, source in tied.items():
+        if name in located and source in located:
+            with safe_open(str(located[name]), framework="pt") as copy, safe_open(str(located[source]), framework="pt") as original:
+                if torch.equal(copy.get_tensor(name), original.get_tensor(source)):
+                    copies.add(name)
+    return copies
 
 
 def write_training_card(directory, config, source: str, title: str, summary: str) -> None:

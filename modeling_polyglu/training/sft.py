@@ -104,12 +104,19 @@ def load_model_and_tokenizer(model_args, training_args):
     import modeling_polyglu  # noqa: F401  registers the Auto classes
 
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    # SFTConfig.model_init_kwargs reach from_pretrained as with TRL's own loading (e.g. {"tp_plan": "auto"} for
+    # tensor parallelism under torchrun); the trainer gets an instance, so it must not see them again
+    init_kwargs = dict(getattr(training_args, "model_init_kwargs", None) or {})
+    training_args.model_init_kwargs = None
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path,
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=dtype,
+        **{
+            "revision": model_args.model_revision,
+            "trust_remote_code": training_args.trust_remote_code,
+            "attn_implementation": model_args.attn_implementation,
+            "dtype": dtype,
+            **init_kwargs,
+        },
     )
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
     return model, tokenizer
@@ -186,8 +193,9 @@ def _finish_full_model_directory(output_dir, source: str, trainer, source_weight
     from .saving import resave_like_source, write_training_card
 
     dtype_name, max_shard_bytes = source_weights
-    resave_like_source(output_dir, dtype_name, max_shard_bytes)
     config = unwrap_polyglu_model(trainer.model).config
+    tied = {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {}
+    resave_like_source(output_dir, dtype_name, max_shard_bytes, tied)
     steps = trainer.state.global_step
     write_training_card(
         output_dir, config, source, f"{Path(source).name} fine-tuned with polyglu sft",

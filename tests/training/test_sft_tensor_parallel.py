@@ -1,0 +1,90 @@
+"""`polyglu sft` with tensor parallelism (2 gloo ranks on CPU under torchrun) equals one process.
+
+Both runs: recipes/polyglu_full.yaml on the tiny workspace model (distributed_runs.py), 5 steps of 4 examples x 2
+accumulated micro-batches (accumulation is where replicated weights' summed gradients can go wrong), τ annealed
+1.0 -> 0.1, routing measured at steps 0, 2, 4, 5 on the whole 8-example probe, fp32, PolyGLU's Gumbel noise on (the
+ranks are seeded alike and each adds its d_ff slice of the unsharded draw). The TP run loads the model with
+`--model_init_kwargs '{"tp_plan": "auto"}'` through tests/training/tensor_parallel_on_cpu.py (accelerate refuses TP
+on CPU ranks otherwise; see there). Both ranks of the group train on the same batch, so the one-process run uses
+the same per-device batch.
+
+Against one process (fp32; relative 1e-5):
+- the model is sharded: tp_size 2, DTensor parameters [test_tensor_parallel_sft_trains_like_one_process]
+- the loss and grad norm of every step [test_tensor_parallel_sft_trains_like_one_process]
+- every `routing/*` metric of every measurement (the group measures the probe once; each rank its d_ff slice)
+  [test_tensor_parallel_sft_routing_metrics_equal]
+- the saved model: the same tensors (gathered from the shards), routers fp32 [test_tensor_parallel_sft_saves_the_model]
+"""
+
+import json
+import re
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .distributed_runs import MONITORED_STEPS, RECIPE, REPO, RUN_OVERRIDES, free_port, log_history, run_checked, sft_arguments
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+# save_only_model: transformers cannot checkpoint the optimizer state of a model sharded at load time
+OVERRIDES = (*RUN_OVERRIDES, "--gradient_accumulation_steps", "2", "--save_only_model", "true", "--report_to", "none")
+SHIM = REPO / "tests" / "training" / "tensor_parallel_on_cpu.py"
+
+
+@pytest.fixture(scope="module")
+def runs(workspace):
+    one, tensor_parallel = workspace.root / "tp_reference_one_process", workspace.root / "tp_sft"
+    run_checked([sys.executable, "-m", "modeling_polyglu.cli", "sft", *sft_arguments(workspace, RECIPE, one, *OVERRIDES)], one)
+    result = run_checked([
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(SHIM), *sft_arguments(workspace, RECIPE, tensor_parallel, *OVERRIDES, "--model_init_kwargs", '{"tp_plan": "auto"}'),
+    ], tensor_parallel)
+    return one, tensor_parallel, result.stdout + result.stderr
+
+
+def _step_values(output_dir, key: str) -> list[float]:
+    return [entry[key] for entry in log_history(output_dir) if key in entry and "train_runtime" not in entry]
+
+
+def test_tensor_parallel_sft_trains_like_one_process(runs):
+    one, tensor_parallel, printed = runs
+    sharding = re.findall(r"Tensor parallel on CPU: tp_size (\d+), (\d+)/(\d+) parameters are DTensors", printed)
+    assert len(sharding) == 2 and all(size == "2" and int(sharded) > 0 for size, sharded, _ in sharding), sharding
+    for key in ("loss", "grad_norm"):
+        reference = _step_values(one, key)
+        assert len(reference) == 5, key
+        assert _step_values(tensor_parallel, key) == pytest.approx(reference, rel=1e-5), key
+
+
+def test_tensor_parallel_sft_routing_metrics_equal(runs):
+    one, tensor_parallel, _ = runs
+    history = json.loads((tensor_parallel / "routing_report.json").read_text())["history"]
+    reference = json.loads((one / "routing_report.json").read_text())["history"]
+    assert [entry["step"] for entry in history] == [entry["step"] for entry in reference] == MONITORED_STEPS
+    assert reference[-1]["metrics"]["routing/kl_from_initial"] > 1e-6, "routing did not move"
+    for measured, expected in zip(history, reference):
+        keys = sorted(key for key in expected["metrics"] if key.startswith("routing/"))
+        assert keys == sorted(measured["metrics"]), expected["step"]
+        for key in keys:
+            assert measured["metrics"][key] == pytest.approx(expected["metrics"][key], rel=1e-5, abs=1e-9), (
+                f"step {expected['step']}: {key}"
+            )
+
+
+def _weights(directory) -> dict:
+    tensors = {}
+    for path in sorted(directory.glob("model*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
+def test_tensor_parallel_sft_saves_the_model(runs):
+    one, tensor_parallel, _ = runs
+    weights, reference = _weights(tensor_parallel), _weights(one)
+    assert sorted(weights) == sorted(reference)
+    for key, tensor in reference.items():
+        assert weights[key].dtype == tensor.dtype and weights[key].shape == tensor.shape, key
+        torch.testing.assert_close(weights[key], tensor, rtol=1e-5, atol=1e-6, msg=key)
+    assert all(tensor.dtype == torch.float32 for key, tensor in weights.items() if ".router." in key)
