@@ -6,7 +6,7 @@
 
 import sys
 
-from modeling_polyglu.training.sft import main
+from modeling_polyglu.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["sft", *sys.argv[1:]]))  # through the CLI: a user's mistake is one line on every rank

@@ -104,6 +104,17 @@ def reject_zero_max_steps(max_steps: int) -> None:
         )
 
 
+def reject_lora_with_tensor_parallelism(use_peft: bool, model) -> None:
+    """PEFT keeps trainable copies of the routers (modules_to_save) by deep-copying them, which a router holding a
+    sharded α (a DTensor) and a tensor-parallel forward does not survive."""
+    if use_peft and (getattr(model, "tp_size", None) or 1) > 1:
+        raise ValueError(
+            "LoRA (--use_peft) does not work with a tensor-parallel model (tp_plan in --model_init_kwargs): PEFT "
+            "copies the routers to train them. Fine-tune fully with tensor parallelism, or use LoRA with DDP, "
+            "DeepSpeed or FSDP (recipes/README.md)."
+        )
+
+
 def checkpoints(output_dir) -> list[Path]:
     """`checkpoint-N` directories of a Trainer output dir, oldest first."""
     found = [path for path in Path(output_dir).glob("checkpoint-*") if path.is_dir() and path.name.split("-")[-1].isdigit()]

@@ -146,6 +146,7 @@ def run_sft(script_args, training_args, model_args, routing_args, quiet: bool = 
     train, evaluation, probe_examples = _split_probe(dataset, script_args, routing_args, training_args.seed)
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     unwrap_polyglu_model(model)  # a clear error now if this is not a PolyGLU-family model
+    safeguards.reject_lora_with_tensor_parallelism(model_args.use_peft, model)
     peft_config = None
     if model_args.use_peft:
         peft_config = lora_config_for(

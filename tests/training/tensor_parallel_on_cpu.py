@@ -36,4 +36,6 @@ accelerate.accelerator.Accelerator.multi_device = property(_multi_device_with_cp
 sft.load_model_and_tokenizer = _load_and_report_sharding
 
 if __name__ == "__main__":
-    sys.exit(sft.main())
+    from modeling_polyglu.cli import main
+
+    sys.exit(main(["sft", *sys.argv[1:]]))

@@ -14,17 +14,22 @@ Against one process (fp32; relative 1e-5):
 - every `routing/*` metric of every measurement (the group measures the probe once; each rank its d_ff slice)
   [test_tensor_parallel_sft_routing_metrics_equal]
 - the saved model: the same tensors (gathered from the shards), routers fp32 [test_tensor_parallel_sft_saves_the_model]
+LoRA with a tensor-parallel model is refused on every rank in one line [test_lora_with_tensor_parallelism_is_refused_in_one_line].
 """
 
 import json
 import re
+import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from .distributed_runs import MONITORED_STEPS, RECIPE, REPO, RUN_OVERRIDES, free_port, log_history, run_checked, sft_arguments
+from .distributed_runs import (
+    LAUNCH_TIMEOUT, MONITORED_STEPS, RECIPE, REPO, RUN_OVERRIDES, child_environment, free_port, log_history, run_checked,
+    sft_arguments,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -33,14 +38,18 @@ OVERRIDES = (*RUN_OVERRIDES, "--gradient_accumulation_steps", "2", "--save_only_
 SHIM = REPO / "tests" / "training" / "tensor_parallel_on_cpu.py"
 
 
+def tensor_parallel_command(workspace, recipe: str, output_dir, *overrides: str) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(SHIM), *sft_arguments(workspace, recipe, output_dir, *overrides, "--model_init_kwargs", '{"tp_plan": "auto"}'),
+    ]
+
+
 @pytest.fixture(scope="module")
 def runs(workspace):
     one, tensor_parallel = workspace.root / "tp_reference_one_process", workspace.root / "tp_sft"
     run_checked([sys.executable, "-m", "modeling_polyglu.cli", "sft", *sft_arguments(workspace, RECIPE, one, *OVERRIDES)], one)
-    result = run_checked([
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        str(SHIM), *sft_arguments(workspace, RECIPE, tensor_parallel, *OVERRIDES, "--model_init_kwargs", '{"tp_plan": "auto"}'),
-    ], tensor_parallel)
+    result = run_checked(tensor_parallel_command(workspace, RECIPE, tensor_parallel, *OVERRIDES), tensor_parallel)
     return one, tensor_parallel, result.stdout + result.stderr
 
 
@@ -88,3 +97,16 @@ def test_tensor_parallel_sft_saves_the_model(runs):
         assert weights[key].dtype == tensor.dtype and weights[key].shape == tensor.shape, key
         torch.testing.assert_close(weights[key], tensor, rtol=1e-5, atol=1e-6, msg=key)
     assert all(tensor.dtype == torch.float32 for key, tensor in weights.items() if ".router." in key)
+
+
+def test_lora_with_tensor_parallelism_is_refused_in_one_line(workspace):
+    # PEFT deep-copies the routers it trains (modules_to_save); a router with a sharded α does not survive the copy
+    output_dir = workspace.root / "tp_lora"
+    command = tensor_parallel_command(workspace, "polyglu_lora.yaml", output_dir, "--dtype", "float32", "--max_steps", "1")
+    result = subprocess.run(command, cwd=REPO, env=child_environment(output_dir), capture_output=True, text=True,
+                            timeout=LAUNCH_TIMEOUT)
+    printed = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert printed.count("polyglu sft: error: LoRA (--use_peft) does not work with a tensor-parallel model") == 2
+    assert "[rank0]: Traceback" not in printed and "[rank1]: Traceback" not in printed
+    assert not (output_dir / "adapter_model.safetensors").exists()
