@@ -128,28 +128,22 @@ def _run_inspect(args) -> int:
     return 0
 
 
+SELF_PARSING_COMMANDS = {
+    "bench": "Speed and memory ratios against SwiGLU, measured in one process (`polyglu bench --help`).",
+    "sft": "Fine-tune with TRL's SFTTrainer plus routing monitoring (`polyglu sft --help` lists the arguments).",
+    "pretrain": "Pretrain a preset or config from scratch with the HF Trainer (`polyglu pretrain --help`).",
+    "compare": "From-scratch comparison of ffn types over seeds with paired confidence intervals (`polyglu compare --help`).",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polyglu", description="Activation-mixing feed-forward layers for Qwen3-style models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo_parser(subparsers)
     _add_convert_parsers(subparsers)
     _add_inspect_parser(subparsers)
-    subparsers.add_parser(
-        "bench", add_help=False,
-        help="Speed and memory ratios against SwiGLU, measured in one process (`polyglu bench --help`).",
-    )
-    subparsers.add_parser(
-        "sft", add_help=False,
-        help="Fine-tune with TRL's SFTTrainer plus routing monitoring (`polyglu sft --help` lists the arguments).",
-    )
-    subparsers.add_parser(
-        "pretrain", add_help=False,
-        help="Pretrain a preset or config from scratch with the HF Trainer (`polyglu pretrain --help`).",
-    )
-    subparsers.add_parser(
-        "compare", add_help=False,
-        help="From-scratch comparison of ffn types over seeds with paired confidence intervals (`polyglu compare --help`).",
-    )
+    for name, help_text in SELF_PARSING_COMMANDS.items():  # listed in --help; main() hands them their arguments
+        subparsers.add_parser(name, add_help=False, help=help_text)
     return parser
 
 

@@ -296,6 +296,12 @@ def _console_printers(trainer) -> list:
     return [callback for callback in trainer.callback_handler.callbacks if isinstance(callback, (PrinterCallback, ProgressCallback))]
 
 
+def remove_console_printers(trainer) -> None:
+    """Quiet runs: no per-step log dictionaries or progress bar (log_history and report_to still get every key)."""
+    for callback in _console_printers(trainer):
+        trainer.remove_callback(callback)
+
+
 def keep_routing_keys_off_the_console(trainer) -> None:
     """The console callbacks print every logged key: drop `routing/...` from what they print (the monitor prints a
     summary); logs with nothing else are not printed. log_history and report_to still get every key."""

@@ -242,10 +242,9 @@ def _pretrain_trainer_class():
 def run_pretrain(arguments: PretrainArguments, training_args, routing_args, model=None, quiet: bool = False) -> dict:
     """Train, save the checkpoint and `run_summary.json`; return the summary. `model`: a prepared initial model."""
     from transformers import default_data_collator
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from ..conversion.model_card import write_model_card
-    from .callbacks import add_routing_callbacks
+    from .callbacks import add_routing_callbacks, remove_console_printers
     from .pretrain_data import PackedRowStream, document_token_ids, held_out_rows, load_documents
 
     settings = training_settings(training_args)  # as given, before max_steps is resolved
@@ -277,8 +276,7 @@ def run_pretrain(arguments: PretrainArguments, training_args, routing_args, mode
         data_collator=default_data_collator,
     )
     if quiet:
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
+        remove_console_printers(trainer)
     probe_ids = [ids[:max_length] for ids in document_token_ids(probe_texts, tokenizer)] if probe_texts else []
     trainer.routing_monitor = add_routing_callbacks(trainer, routing_args, probe_ids, config.pad_token_id)
 

@@ -127,7 +127,7 @@ def run_sft(script_args, training_args, model_args, routing_args, quiet: bool = 
 
     `quiet` keeps the console free of per-step log dictionaries (they still reach log_history and report_to).
     """
-    from .callbacks import add_routing_callbacks
+    from .callbacks import add_routing_callbacks, remove_console_printers
     from .peft import lora_config_for
     from .routing_stats import tokenize_probe, unwrap_polyglu_model
     from .trainer import PolyGLUSFTTrainer
@@ -166,10 +166,7 @@ def run_sft(script_args, training_args, model_args, routing_args, quiet: bool = 
         peft_config=peft_config,
     )
     if quiet:
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
+        remove_console_printers(trainer)
     probe_ids = tokenize_probe(probe_examples, tokenizer, max_length=training_args.max_length or 512)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer.routing_monitor = add_routing_callbacks(trainer, routing_args, probe_ids, pad_token_id)
