@@ -370,6 +370,7 @@ class PolyGLURouter(nn.Module):
         self.proj_in = nn.Linear(config.hidden_size, config.router_hidden_size, dtype=ROUTER_DTYPE)
         self.proj_out = nn.Linear(config.router_hidden_size, self.num_activations, dtype=ROUTER_DTYPE)
         self.preference = preference_logits(activations, config.router_init_activation, config.router_init_strength)
+        self.vllm_running_mean = None  # vLLM attention layers holding causal pooling's state, when vLLM serves it
 
     def initialize_parameters(self, initializer_range: float):
         init.copy_(self.alpha, _like(self.preference, self.alpha).expand_as(self.alpha))
@@ -382,6 +383,11 @@ class PolyGLURouter(nn.Module):
         pooling = self.config.routing_pooling
         router_input = hidden_states.float()
         context = routing_context or RoutingContext()
+        if pooling == "causal" and self.vllm_running_mean is not None:
+            # served by vLLM: pool after proj_in (mean and affine map commute), so the cache holds w features
+            projected = self.proj_in(in_dtype_of(self.proj_in, router_input)).float()
+            hidden = F.relu(vllm_running_mean(self.vllm_running_mean, projected))
+            return self._logits(hidden, hidden_states)
         if pooling == "causal":
             past_sum = past_count = None
             if cache is not None:
@@ -395,7 +401,10 @@ class PolyGLURouter(nn.Module):
             pooled = document_mean(router_input, context.token_mask, context.document_starts)
         else:
             pooled = router_input
-        hidden = F.relu(self.proj_in(in_dtype_of(self.proj_in, pooled)))
+        return self._logits(F.relu(self.proj_in(in_dtype_of(self.proj_in, pooled))), hidden_states)
+
+    def _logits(self, hidden, hidden_states):
+        """(static [B|1, 1, F, K], token [B, T, 1, K]) logits from the router MLP's hidden layer [B, T, w]."""
         dynamic = self.proj_out(in_dtype_of(self.proj_out, hidden))
         token_logits = (self.beta.float() * dynamic).unsqueeze(2)  # [B, T, 1, K]
         static_logits = self.alpha.float()[None, None]  # [1, 1, F, K]
@@ -963,36 +972,88 @@ def routing_parameters_kept_in_fp32(model: nn.Module) -> list[str]:
     return ["router"] if any(".router." in name for name, _ in model.named_parameters()) else []
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Serving with vLLM: causal routing state in vLLM's paged KV cache
+# ----------------------------------------------------------------------------------------------------------------
+
 # The attention implementations vLLM's Transformers backend sets on the config of a model it builds.
 VLLM_ATTENTION_IMPLEMENTATIONS = frozenset({"vllm", "vllm_mla"})
-PER_REQUEST_ROUTING = {
-    "causal": "a running mean over each request's earlier tokens",
-    "sequence": "the mean over the whole sequence, later tokens included",
-}
 
 
-def refuse_per_request_routing_under_vllm(config: PolyGLUConfig) -> None:
-    """Raise when vLLM builds a model whose PolyGLU routing needs per-request state.
+def refuse_noncausal_routing_under_vllm(config: PolyGLUConfig) -> None:
+    """Raise when vLLM builds a model whose PolyGLU routing reads tokens that have not been generated yet.
 
-    vLLM flattens the requests of a step into one row and passes no cache: causal pooling's running mean would be
-    lost between decoding steps and chunks and pooled across requests, and sequence pooling needs tokens not yet
-    generated. Both would serve wrong outputs without an error, so loading fails instead.
+    Sequence pooling (the reference PolychromaticLM's) routes every token on the mean over the whole sequence: a
+    server that streams tokens cannot compute it, and vLLM would pool over what it has and serve wrong outputs
+    without an error, so loading fails instead.
     """
-    if config._attn_implementation not in VLLM_ATTENTION_IMPLEMENTATIONS or config.routing_pooling not in PER_REQUEST_ROUTING:
+    if config._attn_implementation not in VLLM_ATTENTION_IMPLEMENTATIONS or config.routing_pooling != "sequence":
         return
     if any(config.ffn_type_of_layer(i) == "polyglu" for i in range(config.num_hidden_layers)):
         raise ValueError(
-            f"vLLM cannot serve this model: its PolyGLU layers route with routing_pooling="
-            f"{config.routing_pooling!r}, which depends on {PER_REQUEST_ROUTING[config.routing_pooling]}, and "
-            "vLLM's Transformers backend keeps no such state per request, so it would serve wrong outputs. Serve "
-            "it with transformers (model.generate), or serve a model trained with routing_pooling='token'."
+            "vLLM cannot serve this model: its PolyGLU layers route with routing_pooling='sequence', which depends "
+            "on the mean over the whole sequence, later tokens included, so no server can stream it. Serve it with "
+            "transformers (model.generate recomputes the sequence), or convert it with routing_pooling='causal' "
+            "(or 'token'), which changes the function."
         )
+
+
+def vllm_running_mean_layers(layer_idx: int, width: int) -> nn.ModuleDict:
+    """vLLM attention layers whose KV cache holds one router's per-token inputs (`width` features per token).
+
+    With zero queries and keys every score is equal, so causal attention returns the mean of the values over the
+    request's tokens up to t — causal pooling, kept per request by vLLM's paged cache through decode steps,
+    chunked prefill, preemption and prefix caching. Each layer has one head of the model's head size (a size every
+    attention backend takes), so `width` may need several of them. Called while vLLM builds the model (its config
+    is current).
+    """
+    try:  # guarded: transformers' remote-code check requires every import outside a try block to be installed
+        from vllm.config import get_current_vllm_config
+        from vllm.model_executor.layers.attention import Attention
+    except ImportError as error:
+        raise ImportError(
+            "this model is being built for vLLM (attention implementation 'vllm'), but vLLM's attention layers "
+            "cannot be imported; serve it from a working vLLM install."
+        ) from error
+
+    vllm_config = get_current_vllm_config()
+    head_size = vllm_config.model_config.get_head_size()
+    registered = vllm_config.compilation_config.static_forward_context
+    layers = nn.ModuleDict()
+    for part in range(-(-width // head_size)):
+        name = f"model.layers.{layer_idx}.mlp.router.running_mean_part{part}"
+        # vLLM builds a throwaway copy of the model first (to read its classes); its layers are dropped here
+        registered.pop(name, None)
+        layer = Attention(
+            num_heads=1, head_size=head_size, scale=1.0, num_kv_heads=1, cache_config=vllm_config.cache_config,
+            prefix=name,
+        )
+        if layer.sliding_window is not None:
+            raise ValueError(
+                f"vLLM cannot serve this model: it runs with a sliding window of {layer.sliding_window} tokens, "
+                "which would cut the causal routing mean of PolyGLU short. Serve it without a sliding window."
+            )
+        layers[f"part{part}"] = layer
+    return layers
+
+
+def vllm_running_mean(layers: nn.ModuleDict, values: torch.Tensor) -> torch.Tensor:
+    """Per-request causal mean of `values` ([..., T, w], vLLM's flattened step) through `vllm_running_mean_layers`."""
+    flat = values.reshape(-1, values.shape[-1])
+    means = []
+    for part, layer in enumerate(layers.values()):
+        capacity = layer.num_kv_heads * layer.head_size
+        chunk = flat[:, part * capacity : (part + 1) * capacity]
+        padded = F.pad(chunk, (0, capacity - chunk.shape[-1])).to(layer.dtype)
+        zeros = torch.zeros_like(padded)
+        means.append(layer(zeros, zeros, padded)[:, : chunk.shape[-1]])
+    return torch.cat(means, dim=-1).to(values.dtype).reshape(values.shape)
 
 
 class PolyGLUModel(PolyGLUPreTrainedModel):
     def __init__(self, config: PolyGLUConfig):
         super().__init__(config)
-        refuse_per_request_routing_under_vllm(config)
+        refuse_noncausal_routing_under_vllm(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
@@ -1002,6 +1063,12 @@ class PolyGLUModel(PolyGLUPreTrainedModel):
         self.norm = PolyGLURMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = PolyGLURotaryEmbedding(config=config)
         self.gradient_checkpointing = False
+        if self.served_by_vllm and config.routing_pooling == "causal":
+            for layer in self.layers:
+                if isinstance(getattr(layer.mlp, "router", None), PolyGLURouter):
+                    layer.mlp.router.vllm_running_mean = vllm_running_mean_layers(
+                        layer.mlp.layer_idx, config.router_hidden_size
+                    )
         self._keep_in_fp32_modules_strict = routing_parameters_kept_in_fp32(self)  # the heads inherit it in post_init
         self.post_init()
 
@@ -1010,6 +1077,23 @@ class PolyGLUModel(PolyGLUPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
+
+    @property
+    def served_by_vllm(self) -> bool:
+        return self.config._attn_implementation in VLLM_ATTENTION_IMPLEMENTATIONS
+
+    @property
+    def routes_per_document(self) -> bool:
+        """Whether a layer pools router inputs over documents, so packed rows must be split into them.
+
+        Under vLLM those layers read vLLM's own per-request state. Outside these cases the data-dependent test for
+        packed rows stays out of the forward (vLLM's torch.compile traces the whole forward and cannot take it).
+        """
+        config = self.config
+        return (
+            config.routing_pooling != "token" and not self.served_by_vllm
+            and any(config.ffn_type_of_layer(i) == "polyglu" for i in range(config.num_hidden_layers))
+        )
 
     def forward(
         self,
@@ -1063,7 +1147,7 @@ class PolyGLUModel(PolyGLUPreTrainedModel):
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -inputs_embeds.shape[1] :]
         document_starts = None
-        if attention_mask is None and cache is None:
+        if attention_mask is None and cache is None and self.routes_per_document:
             document_starts = document_starts_from_position_ids(position_ids.expand(inputs_embeds.shape[0], -1))
         routing_context = RoutingContext(token_mask=token_mask, document_starts=document_starts)
 

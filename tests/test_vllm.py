@@ -1,10 +1,12 @@
 """vLLM's Transformers backend serves saved checkpoints as they are, and refuses the routing it would serve wrong.
 
-Every variant without per-request state (the fixed GLUs and MLPs, moa, dualglu in its three mixings, la,
-dynamic_geglu, polyglu with routing_pooling="token", soft and hard) is saved with `save_pretrained` and served by
-vLLM (fp32, greedy) from the remote code next to the weights. Against transformers' `generate` on the same
-checkpoint, one prompt at a time: the same tokens, and chosen-token logprobs within 1e-4. Within vLLM: each
-prompt alone gives the tokens and logprobs it gets in a batch with the others. Causal and sequence PolyGLU fail
+Every variant (the fixed GLUs and MLPs, moa, dualglu in its three mixings, la, dynamic_geglu, polyglu with
+routing_pooling="token", soft and hard, and with the default causal pooling) is saved with `save_pretrained` and
+served by vLLM (fp32, greedy) from the remote code next to the weights. Against transformers' `generate` on the same
+checkpoint, one prompt at a time: the same tokens, and chosen-token logprobs within 1e-4. Within vLLM: each prompt
+alone gives the tokens and logprobs it gets in a batch with the others. Causal PolyGLU keeps its running mean in
+vLLM's KV cache, so it is also served under vLLM's torch.compile with prefill split into chunks and with prompts read
+from the prefix cache, and its routers are random enough that pooling per token instead would change the outputs. Sequence PolyGLU fails
 to load with a message. `vllm serve` (through modeling_polyglu.vllm_cli) answers an OpenAI-style completion on
 127.0.0.1 with the text and logprobs transformers gives.
 
@@ -55,12 +57,25 @@ SERVED = {
         mixer_form="plain", dualglu_mixing="learned_static",
     ),
     "dualglu-static-equal": dict(ffn_type="dualglu", dualglu_mixing="static_equal"),
+    # unbiased routers, so the pooled state decides the routing; a width of 48 needs two heads of 32 for its state,
+    # whose KV pages are half the size of the attention layers' (2 KV heads)
+    "polyglu-causal": dict(
+        ffn_types=["polyglu", "swiglu", "polyglu"], router_init_activation=None, router_hidden_size=48,
+        num_key_value_heads=2,
+    ),
 }
 REFUSED = {
-    "polyglu-causal": dict(ffn_types=["swiglu", "polyglu"]),  # one causal-routed layer is enough to refuse
     "polyglu-sequence": dict(ffn_type="polyglu", routing_pooling="sequence"),
 }
-SERVER_CHECKPOINT = "mixers-gated"
+SERVER_CHECKPOINT = "polyglu-causal"
+# The causal checkpoint again as vLLM runs by default on GPUs (its torch.compile of the whole forward, no
+# enforce_eager), with prefill in chunks of 16 tokens and prompts that share 64 tokens (2 KV blocks of 32, the least
+# vLLM's CPU attention takes): the running mean must continue across chunks and be read back from cached blocks.
+SCHEDULED = "polyglu-causal"
+SCHEDULING_SETTINGS = dict(
+    enforce_eager=False, max_num_batched_tokens=16, max_num_seqs=4, enable_prefix_caching=True, block_size=32,
+)
+SHARED_PREFIX = 64
 
 
 def prompt_ids(vocab_size: int) -> list[list[int]]:
@@ -69,14 +84,23 @@ def prompt_ids(vocab_size: int) -> list[list[int]]:
     return [torch.randint(4, vocab_size, (length,), generator=generator).tolist() for length in (3, 7, 12, 5)]
 
 
+def scheduling_prompts(vocab_size: int) -> list[list[int]]:
+    """Prompts longer than a prefill chunk; the last two share their first SHARED_PREFIX tokens with the second."""
+    generator = torch.Generator().manual_seed(2025)
+    long_prompts = [torch.randint(4, vocab_size, (length,), generator=generator).tolist() for length in (37, 80)]
+    prefix = long_prompts[1][:SHARED_PREFIX]
+    return long_prompts + [prefix + [5, 6, 7], prefix + [9]]
+
+
 def build_checkpoint(directory: Path, overrides: dict) -> Path:
     """A tiny model saved with its character tokenizer; head_dim 32, the least vLLM's CPU attention takes."""
     tokenizer = build_char_tokenizer([ALPHABET])
     layers = len(overrides["ffn_types"]) if "ffn_types" in overrides else 2
-    model = tiny_model(
+    settings = dict(
         seed=7, initializer_range=0.2, vocab_size=len(tokenizer), hidden_size=64, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, num_hidden_layers=layers, **overrides,
+        num_key_value_heads=1, head_dim=32, num_hidden_layers=layers,
     )
+    model = tiny_model(**{**settings, **overrides})
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -103,19 +127,26 @@ def served(tmp_path_factory) -> dict:
     """name -> {"hf": [per prompt], "vllm": the child's result} for every checkpoint of SERVED and REFUSED."""
     root = tmp_path_factory.mktemp("vllm")
     checkpoints = {name: build_checkpoint(root / name, overrides) for name, overrides in {**SERVED, **REFUSED}.items()}
-    prompts = prompt_ids(len(build_char_tokenizer([ALPHABET])))
+    vocab_size = len(build_char_tokenizer([ALPHABET]))
+    prompts, long_prompts = prompt_ids(vocab_size), scheduling_prompts(vocab_size)
     jobs = [{"model": str(path), "prompts": prompts, "max_tokens": MAX_TOKENS} for path in checkpoints.values()]
+    jobs.append({"model": str(checkpoints[SCHEDULED]), "prompts": long_prompts, "max_tokens": MAX_TOKENS,
+                 "settings": SCHEDULING_SETTINGS})
     (root / "jobs.json").write_text(json.dumps(jobs))
     child = subprocess.run(
         [sys.executable, str(REPO_ROOT / "tests" / "vllm_child.py"), str(root / "jobs.json"), str(root / "results.json")],
         capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHONPATH": ""},
     )
     assert child.returncode == 0, child.stderr[-4000:]
-    results = dict(zip(checkpoints, json.loads((root / "results.json").read_text())))
+    results = dict(zip([*checkpoints, "scheduled"], json.loads((root / "results.json").read_text())))
     references = {}
     for name in SERVED:
         model = PolyGLUForCausalLM.from_pretrained(checkpoints[name]).eval()
         references[name] = [hf_greedy(model, ids, MAX_TOKENS) for ids in prompts]
+    model = PolyGLUForCausalLM.from_pretrained(checkpoints[SCHEDULED]).eval()
+    references["scheduled"] = [hf_greedy(model, ids, MAX_TOKENS) for ids in long_prompts]
+    per_token = PolyGLUForCausalLM.from_pretrained(checkpoints[SCHEDULED], routing_pooling="token").eval()
+    references["scheduled-per-token"] = [hf_greedy(per_token, ids, MAX_TOKENS) for ids in long_prompts]
     return {"checkpoints": checkpoints, "vllm": results, "hf": references}
 
 
@@ -138,12 +169,25 @@ def test_a_prompt_alone_equals_the_same_prompt_in_a_batch(served, name):
     assert max_logprob_gap(result["batched"], result["alone"]) <= 1e-5
 
 
+def test_compiled_causal_routing_continues_across_prefill_chunks_and_cached_prefixes(served):
+    result, hf = served["vllm"]["scheduled"], served["hf"]["scheduled"]
+    assert "error" not in result, result.get("error")
+    for run in ("batched", "alone"):
+        assert [row["tokens"] for row in result[run]] == [row["tokens"] for row in hf], run
+        assert max_logprob_gap(result[run], hf) <= LOGPROB_TOLERANCE, run
+    # alone, after the batch: the prompts sharing the prefix read its blocks from the cache
+    assert [row["cached_tokens"] for row in result["alone"][2:]] == [SHARED_PREFIX, SHARED_PREFIX]
+    # the control: the routing state decides the outputs (pooling per token gives other logprobs, other tokens)
+    per_token = served["hf"]["scheduled-per-token"]
+    assert max_logprob_gap(per_token, hf) > 100 * LOGPROB_TOLERANCE
+    assert [row["tokens"] for row in per_token] != [row["tokens"] for row in hf]
+
+
 @pytest.mark.parametrize("name", REFUSED)
-def test_per_request_routing_is_refused_at_load(served, name):
+def test_sequence_routing_is_refused_at_load(served, name):
     error = served["vllm"][name].get("error", "")
-    pooling = REFUSED[name].get("routing_pooling", "causal")
-    assert "vLLM cannot serve this model" in error and f"routing_pooling={pooling!r}" in error, error
-    assert "routing_pooling='token'" in error  # says what serves instead
+    assert "vLLM cannot serve this model" in error and "routing_pooling='sequence'" in error, error
+    assert "routing_pooling='causal'" in error  # says what serves instead
 
 
 def free_loopback_port() -> int:

@@ -2,12 +2,13 @@
 
     python vllm_child.py JOBS_JSON RESULTS_JSON
 
-JOBS_JSON is a list of {"model": DIR, "prompts": [[token ids], ...], "max_tokens": N}. For each job it builds
-`LLM(model=DIR, model_impl="transformers", trust_remote_code=True, dtype="float32")` with `modeling_polyglu` made
-unimportable (only the remote code saved next to the checkpoint can load), generates greedily for all prompts in
-one batch and for each prompt alone, and records the chosen tokens with their logprobs. A job whose model fails to
-load records the error text instead. RESULTS_JSON gets one entry per job:
-{"model", "batched": [{"tokens", "logprobs"}, ...], "alone": [...]} or {"model", "error": TEXT}.
+JOBS_JSON is a list of {"model": DIR, "prompts": [[token ids], ...], "max_tokens": N, "settings": {...}}
+("settings", optional, are more `LLM` arguments). For each job it builds `LLM(model=DIR, model_impl="transformers",
+trust_remote_code=True, dtype="float32", ...)` with `modeling_polyglu` made unimportable (only the remote code saved
+next to the checkpoint can load), generates greedily for all prompts in one batch and then for each prompt alone,
+and records the chosen tokens with their logprobs and how many prompt tokens vLLM took from its prefix cache. A job
+whose model fails to load records the error text instead. RESULTS_JSON gets one entry per job:
+{"model", "batched": [{"tokens", "logprobs", "cached_tokens"}, ...], "alone": [...]} or {"model", "error": TEXT}.
 """
 
 import json
@@ -22,10 +23,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 LLM_SETTINGS = dict(model_impl="transformers", trust_remote_code=True, dtype="float32", enforce_eager=True, max_model_len=128)
 
 
-def chosen(completion) -> dict:
-    """The generated token ids and the logprob vLLM reports for each."""
+def chosen(output) -> dict:
+    """The generated token ids, the logprob vLLM reports for each, and the prompt tokens read from its prefix cache."""
+    completion = output.outputs[0]
     tokens = list(completion.token_ids)
-    return {"tokens": tokens, "logprobs": [step[token].logprob for step, token in zip(completion.logprobs, tokens)]}
+    logprobs = [step[token].logprob for step, token in zip(completion.logprobs, tokens)]
+    return {"tokens": tokens, "logprobs": logprobs, "cached_tokens": output.num_cached_tokens or 0}
 
 
 def serve(job: dict) -> dict:
@@ -33,13 +36,13 @@ def serve(job: dict) -> dict:
     from vllm.inputs import TokensPrompt
 
     try:
-        llm = LLM(model=job["model"], **LLM_SETTINGS)
+        llm = LLM(model=job["model"], **{**LLM_SETTINGS, **job.get("settings", {})})
     except Exception as error:  # the refusal tests read the message; every other job fails on the missing results
         return {"model": job["model"], "error": f"{type(error).__name__}: {error}"}
     params = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, logprobs=0, ignore_eos=True)
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]]
-    batched = [chosen(output.outputs[0]) for output in llm.generate(prompts, params, use_tqdm=False)]
-    alone = [chosen(llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]) for prompt in prompts]
+    batched = [chosen(output) for output in llm.generate(prompts, params, use_tqdm=False)]
+    alone = [chosen(llm.generate([prompt], params, use_tqdm=False)[0]) for prompt in prompts]
     llm.llm_engine.engine_core.shutdown()
     return {"model": job["model"], "batched": batched, "alone": alone}
 
