@@ -233,10 +233,13 @@ class RoutingContext:
 
     token_mask: [B, T] float, 1 for real tokens and 0 for padding (None: no padding).
     document_starts: [B, T] bool, True where a packed document begins (None: one document per row).
+    noise_replica: (index, count) of this process among data-parallel replicas that share one RNG stream: training
+        noise is drawn for the rows of all `count` batches and this one takes rows index·B … (index+1)·B.
     """
 
     token_mask: Optional[torch.Tensor] = None
     document_starts: Optional[torch.Tensor] = None
+    noise_replica: tuple = (0, 1)
 
 
 def document_starts_from_position_ids(position_ids: torch.Tensor) -> Optional[torch.Tensor]:
@@ -387,7 +390,7 @@ class PolyGLURouter(nn.Module):
             # served by vLLM: pool after proj_in (mean and affine map commute), so the cache holds w features
             projected = self.proj_in(in_dtype_of(self.proj_in, router_input)).float()
             hidden = F.relu(vllm_running_mean(self.vllm_running_mean, projected))
-            return self._logits(hidden, hidden_states)
+            return self._logits(hidden, hidden_states, context)
         if pooling == "causal":
             past_sum = past_count = None
             if cache is not None:
@@ -401,18 +404,22 @@ class PolyGLURouter(nn.Module):
             pooled = document_mean(router_input, context.token_mask, context.document_starts)
         else:
             pooled = router_input
-        return self._logits(F.relu(self.proj_in(in_dtype_of(self.proj_in, pooled))), hidden_states)
+        return self._logits(F.relu(self.proj_in(in_dtype_of(self.proj_in, pooled))), hidden_states, context)
 
-    def _logits(self, hidden, hidden_states):
+    def _logits(self, hidden, hidden_states, context: RoutingContext):
         """(static [B|1, 1, F, K], token [B, T, 1, K]) logits from the router MLP's hidden layer [B, T, w]."""
         dynamic = self.proj_out(in_dtype_of(self.proj_out, hidden))
         token_logits = (self.beta.float() * dynamic).unsqueeze(2)  # [B, T, 1, K]
         static_logits = self.alpha.float()[None, None]  # [1, 1, F, K]
         if self.training and self.config.routing_noise == "gumbel":
-            # one draw per sequence, neuron and activation, shared by all tokens (as the reference)
-            # drawn for every d_ff neuron and sliced: under tensor parallelism each rank's share of the unsharded draw
-            noise_shape = (hidden_states.shape[0], 1, self.config.intermediate_size, self.num_activations)
-            noise = gumbel_noise(noise_shape, hidden_states.device)
+            # One draw per sequence, neuron and activation, shared by all tokens (as the reference). Drawn for every
+            # d_ff neuron and sliced: under tensor parallelism each rank's share of the unsharded draw. Drawn for the
+            # rows of every data-parallel replica and sliced: replicas seeded alike (the Trainer's) get different
+            # noise, and together draw what one process with their whole batch draws.
+            replica, replicas = context.noise_replica
+            batch = hidden_states.shape[0]
+            noise_shape = (replicas * batch, 1, self.config.intermediate_size, self.num_activations)
+            noise = gumbel_noise(noise_shape, hidden_states.device)[replica * batch : (replica + 1) * batch]
             static_logits = static_logits + noise[:, :, self.neuron_offset : self.neuron_offset + self.alpha.shape[0]]
         return static_logits, token_logits
 
@@ -947,6 +954,22 @@ class PolyGLUPreTrainedModel(PreTrainedModel):
         finally:
             self.__class__ = sharded_class
 
+    def set_routing_noise_replica(self, index: int, count: int) -> None:
+        """Make this process data-parallel replica `index` of `count` for PolyGLU's training noise.
+
+        Data-parallel ranks are seeded alike (the Trainer seeds every rank with args.seed), so each would draw the
+        same Gumbel noise for the k-th row of its batch. With this set, every replica draws the noise of all
+        `count` batches and keeps its own rows: the replicas' noise differs, and `count` replicas of batch B train
+        on the noise one process with batch count·B draws. The draw grows to [count·B, d_ff, K] per layer, small
+        next to the layer's own work ([B, T, d, d_ff]).
+        Ranks of one tensor-parallel group are one replica. `polyglu sft` and `polyglu pretrain` set it.
+        """
+        if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
+            raise ValueError(f"routing noise replica must satisfy 0 <= index < count, got index={index}, count={count}.")
+        for module in self.modules():
+            if isinstance(module, PolyGLUModel):
+                module.routing_noise_replica = (index, count)
+
     def set_routing_tau(self, tau: float) -> None:
         """Set the softmax temperature of every router (saved with the config; used in train and eval)."""
         tau = float(tau)
@@ -1063,6 +1086,7 @@ class PolyGLUModel(PolyGLUPreTrainedModel):
         self.norm = PolyGLURMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = PolyGLURotaryEmbedding(config=config)
         self.gradient_checkpointing = False
+        self.routing_noise_replica = (0, 1)  # see set_routing_noise_replica
         if self.served_by_vllm and config.routing_pooling == "causal":
             for layer in self.layers:
                 if isinstance(getattr(layer.mlp, "router", None), PolyGLURouter):
@@ -1149,7 +1173,9 @@ class PolyGLUModel(PolyGLUPreTrainedModel):
         document_starts = None
         if attention_mask is None and cache is None and self.routes_per_document:
             document_starts = document_starts_from_position_ids(position_ids.expand(inputs_embeds.shape[0], -1))
-        routing_context = RoutingContext(token_mask=token_mask, document_starts=document_starts)
+        routing_context = RoutingContext(
+            token_mask=token_mask, document_starts=document_starts, noise_replica=self.routing_noise_replica
+        )
 
         if isinstance(attention_mask, dict):
             causal_mask = attention_mask["full_attention"]

@@ -335,6 +335,34 @@ def test_recovered_gumbel_noise_is_constant_over_tokens_with_logistic_spread():
     assert abs(per_sequence.mean().item()) < 0.5
 
 
+def noisy_logits(model, input_ids, seed: int) -> torch.Tensor:
+    """Training-mode logits with the global RNG at `seed`, as data-parallel ranks seeded alike start a step."""
+    torch.manual_seed(seed)
+    return logits_of(model, input_ids)
+
+
+def test_data_parallel_replicas_draw_their_rows_of_one_noise_draw():
+    model = tiny_model(routing_noise="gumbel").train()
+    input_ids = random_ids(4, 8, seed=10)
+    whole_batch = noisy_logits(model, input_ids, seed=3)
+    for replica in range(2):
+        model.set_routing_noise_replica(replica, 2)
+        rows = slice(2 * replica, 2 * replica + 2)
+        torch.testing.assert_close(noisy_logits(model, input_ids[rows], seed=3), whole_batch[rows], rtol=0, atol=1e-5)
+    # the control: a rank not told its replica draws the first rows' noise for its own rows
+    model.set_routing_noise_replica(0, 1)
+    assert max_abs(noisy_logits(model, input_ids[2:], seed=3), whole_batch[2:]) > 1e-3
+    # eval mode draws no noise, whatever the replica
+    model.set_routing_noise_replica(1, 2)
+    torch.testing.assert_close(logits_of(model.eval(), input_ids[2:]), logits_of(model, input_ids)[2:], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("index, count", [(2, 2), (-1, 2), (0, 0), (1.0, 2)])
+def test_an_impossible_noise_replica_is_refused(index, count):
+    with pytest.raises(ValueError, match="0 <= index < count"):
+        tiny_model().set_routing_noise_replica(index, count)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # hard routing, routing-weight inspection, τ
 # ---------------------------------------------------------------------------------------------------------------

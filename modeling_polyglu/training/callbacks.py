@@ -104,15 +104,25 @@ class RoutingTauCallback(TrainerCallback):
         base.set_routing_tau(tau_at(progress, self.start, self.end, self.arguments.routing_tau_schedule))
 
 
-def probe_shard_layout(trainer) -> tuple[int, int]:
-    """(shards, this rank's shard) of the probe set: one shard per data-parallel group.
+def data_parallel_layout(args, model) -> tuple[int, int]:
+    """(data-parallel groups, this rank's group): what the probe set is sharded over and the routing noise drawn for.
 
     Under tensor parallelism the ranks of a group must run the same forwards (their collectives pair up), and each
     computes the routing of its own slice of d_ff; transformers lays the tensor-parallel dimension innermost, so a
     group is `tp_size` consecutive ranks.
     """
-    tensor_parallel = getattr(unwrap_polyglu_model(trainer.model), "tp_size", None) or 1
-    return trainer.args.world_size // tensor_parallel, trainer.args.process_index // tensor_parallel
+    tensor_parallel = getattr(unwrap_polyglu_model(model), "tp_size", None) or 1
+    return args.world_size // tensor_parallel, args.process_index // tensor_parallel
+
+
+class RoutingNoiseReplicaCallback(TrainerCallback):
+    """Tells the model which data-parallel replica this rank is, so that ranks seeded alike draw different noise."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        base = unwrap_polyglu_model(model)
+        if hasattr(base, "set_routing_noise_replica"):  # remote code saved before it existed draws as it did then
+            groups, group = data_parallel_layout(args, model)
+            base.set_routing_noise_replica(group, groups)
 
 
 def default_probe_token_budget(max_steps: int, monitor_steps: int, tokens_per_step: float) -> int:
@@ -141,7 +151,7 @@ class RoutingMonitorCallback(TrainerCallback):
         self.arguments = arguments
         self.probe = RoutingProbe(max_neurons=arguments.routing_max_neurons)
         self.probe_token_lists, self.pad_token_id = probe_token_lists, pad_token_id
-        self.shards, self.shard_index = probe_shard_layout(trainer)
+        self.shards, self.shard_index = data_parallel_layout(trainer.args, trainer.model)
         if len(probe_token_lists) < self.shards:
             raise ValueError(
                 f"routing_probe_size ({len(probe_token_lists)}) must be at least the number of data-parallel "
@@ -331,8 +341,9 @@ def history_from_log(log_history: list[dict], before_step: int) -> list[dict]:
 
 
 def add_routing_callbacks(trainer, arguments: RoutingArguments, probe_token_lists, pad_token_id: int):
-    """Attach the τ schedule and (unless monitoring is off) the routing monitor to a trainer."""
+    """Attach the τ schedule, the noise replica and (unless monitoring is off) the routing monitor to a trainer."""
     trainer.add_callback(RoutingTauCallback(arguments))
+    trainer.add_callback(RoutingNoiseReplicaCallback())
     monitor = None
     if arguments.routing_monitor_steps > 0 and probe_token_lists:
         monitor = RoutingMonitorCallback(trainer, probe_token_lists, arguments, pad_token_id)
