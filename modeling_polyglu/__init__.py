@@ -12,6 +12,7 @@ from .activation_mixing import ACTIVATIONS, mix_activations, mix_activations_nai
 from .configuration_polyglu import FFN_TYPES, PolyGLUConfig
 from .modeling_polyglu import (
     PolyGLUCache,
+    PolyGLUStaticCache,
     PolyGLUForCausalLM,
     PolyGLUForSequenceClassification,
     PolyGLUMLP,
@@ -36,6 +37,7 @@ __all__ = [
     "ACTIVATIONS",
     "FFN_TYPES",
     "PolyGLUCache",
+    "PolyGLUStaticCache",
     "PolyGLUConfig",
     "PolyGLUForCausalLM",
     "PolyGLUForSequenceClassification",

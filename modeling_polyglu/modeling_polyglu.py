@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -717,12 +717,13 @@ class PolyGLUMLP(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class PolyGLUCache(DynamicCache):
-    """A DynamicCache that also carries, per causal-routed layer, the running sum and count of router inputs.
+class RoutingStateMixin:
+    """What a cache needs to carry, per causal-routed layer, the running sum [B, D] and count [B, 1] of router inputs.
 
-    `generate()` and callers that build a plain `DynamicCache` get an empty one converted in place on the first
-    forward (see :func:`ensure_routing_cache`), so beam search, batch expansion and selection reorder the routing
-    state together with the keys and values.
+    Mixed into transformers' caches (PolyGLUCache, PolyGLUStaticCache). `generate()` and callers that build a plain
+    DynamicCache or StaticCache get an empty one converted in place on the first forward (see
+    :func:`ensure_routing_cache`), so beam search, batch expansion, selection and `reset()` (generate's reuse of a
+    static cache) treat the routing state together with the keys and values.
     """
 
     def __init__(self, *args, **kwargs):
@@ -734,7 +735,7 @@ class PolyGLUCache(DynamicCache):
         self.routing_counts: dict[int, torch.Tensor] = {}
 
     @classmethod
-    def adopt(cls, cache: DynamicCache) -> "PolyGLUCache":
+    def adopt(cls, cache: Cache) -> "RoutingStateMixin":
         # Same object, so every reference generate() holds sees the routing state; only the class changes.
         cache.__class__ = cls
         cache._init_routing_state()
@@ -775,26 +776,52 @@ class PolyGLUCache(DynamicCache):
     def crop(self, *args, **kwargs):
         if self.routing_sums:
             raise ValueError(
-                "PolyGLUCache cannot crop: causal routing keeps a running sum of router inputs, not one entry per "
-                "token. Assisted/speculative decoding that rolls the cache back is not supported; use plain "
+                f"{type(self).__name__} cannot crop: causal routing keeps a running sum of router inputs, not one "
+                "entry per token. Assisted/speculative decoding that rolls the cache back is not supported; use plain "
                 "generation (or ffn routing_pooling='token')."
             )
         return super().crop(*args, **kwargs)
 
 
+class PolyGLUCache(RoutingStateMixin, DynamicCache):
+    """A DynamicCache that also carries causal routing's running state (see RoutingStateMixin)."""
+
+
+class PolyGLUStaticCache(RoutingStateMixin, StaticCache):
+    """A StaticCache that also carries causal routing's running state (see RoutingStateMixin).
+
+    After the first chunk the state is updated in place, so its tensors keep their addresses from one decoding step
+    to the next, as the static cache's keys and values do (what a compiled or CUDA-graphed decoding step needs).
+    """
+
+    def set_routing_state(self, layer_idx: int, running_sum: torch.Tensor, running_count: torch.Tensor):
+        held = self.routing_sums.get(layer_idx)
+        if held is None or held.shape != running_sum.shape:
+            super().set_routing_state(layer_idx, running_sum.clone(), running_count.clone())
+            return
+        held.copy_(running_sum)
+        self.routing_counts[layer_idx].copy_(running_count)
+
+
+# the caches that routing state can be added to, by their exact class (subclasses keep other layouts)
+ROUTING_CACHE_CLASSES = {DynamicCache: PolyGLUCache, StaticCache: PolyGLUStaticCache}
+
+
 def ensure_routing_cache(cache: Optional[Cache], config: PolyGLUConfig) -> Optional[Cache]:
-    """Return a cache able to carry causal routing state (converting an empty DynamicCache in place)."""
+    """Return a cache able to carry causal routing state (converting an empty DynamicCache or StaticCache in place)."""
     needs_state = config.routing_pooling == "causal" and any(
         config.ffn_type_of_layer(i) == "polyglu" for i in range(config.num_hidden_layers)
     )
-    if cache is None or isinstance(cache, PolyGLUCache) or not needs_state:
+    if cache is None or isinstance(cache, RoutingStateMixin) or not needs_state:
         return cache
-    if isinstance(cache, DynamicCache) and cache.get_seq_length() == 0:
-        return PolyGLUCache.adopt(cache)
+    routing_class = ROUTING_CACHE_CLASSES.get(type(cache))
+    if routing_class is not None and cache.get_seq_length() == 0:
+        return routing_class.adopt(cache)
     raise ValueError(
         f"Causal PolyGLU routing needs its running pooled state in the cache, and a {type(cache).__name__} "
         f"{'that already holds tokens ' if cache.get_seq_length() else ''}cannot carry it. Pass "
-        "`PolyGLUCache(config=model.config)` (or no cache) instead; static and quantized caches are not supported."
+        "`PolyGLUCache(config=model.config)`, a new DynamicCache or StaticCache, or no cache instead; quantized and "
+        "offloaded caches are not supported."
     )
 
 
@@ -1132,6 +1159,7 @@ class PolyGLUModel(PolyGLUPreTrainedModel):
         output_routing_weights: bool = False,
         return_dict: Optional[bool] = None,
         past_key_values: Optional[Cache] = None,
+        routing_token_mask: Optional[torch.Tensor] = None,
         **kwargs,
     ) -> Union[tuple, PolyGLUModelOutputWithPast]:
         cache = resolve_cache_argument(cache, past_key_values)
@@ -1167,7 +1195,7 @@ class PolyGLUModel(PolyGLUPreTrainedModel):
 
         # Routing sees what attention sees: padding from a 2-D mask, packed documents from position ids exactly
         # when transformers' masking does (no mask and no cache).
-        token_mask = None
+        token_mask = routing_token_mask  # [B, T]: generate()'s padding when it passes 4-D masks (static caches)
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -inputs_embeds.shape[1] :]
         document_starts = None
@@ -1233,6 +1261,27 @@ class PolyGLUForCausalLM(PolyGLUPreTrainedModel, GenerationMixin):
         if config.uses_noncausal_routing:
             self.generation_config.use_cache = False
         self.post_init()
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """transformers' inputs with a cache that carries routing state, plus the step's padding for 4-D masks.
+
+        With a compilable (static) cache generate() hands the model 4-D masks, from which padding cannot be read
+        back reliably; causal routing must leave padding out of its running mean, so the 2-D mask's slice for the
+        step's tokens travels as `routing_token_mask`.
+        """
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        # adopted here, outside the forward, so that a forward compiled with fullgraph=True never swaps a class
+        ensure_routing_cache(model_inputs.get(CACHE_NAME), self.config)
+        padding = kwargs.get("attention_mask")
+        passed = model_inputs.get("attention_mask")
+        if isinstance(padding, torch.Tensor) and padding.dim() == 2 and not (
+            isinstance(passed, torch.Tensor) and passed.dim() == 2
+        ):
+            tokens = model_inputs.get("input_ids")
+            if tokens is None:
+                tokens = model_inputs["inputs_embeds"]
+            model_inputs["routing_token_mask"] = padding[:, -tokens.shape[1] :]
+        return model_inputs
 
     def forward(
         self,
@@ -1344,6 +1393,7 @@ class PolyGLUForSequenceClassification(PolyGLUPreTrainedModel):
 
 __all__ = [
     "PolyGLUCache",
+    "PolyGLUStaticCache",
     "PolyGLUForCausalLM",
     "PolyGLUForSequenceClassification",
     "PolyGLUModel",

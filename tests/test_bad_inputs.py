@@ -12,7 +12,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import StaticCache
 
 from modeling_polyglu import PolyGLUForCausalLM
 from modeling_polyglu.cli import main
@@ -132,17 +131,6 @@ def test_a_matching_checkpoint_loads_without_the_warning(tmp_path, recwarn):
     PolyGLUForCausalLM(PolyGLUConfig(**TINY, ffn_type="moa")).save_pretrained(tmp_path)
     model, info = PolyGLUForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not [w for w in recwarn if "config.json but their weights" in str(w.message)]
-
-
-@pytest.mark.parametrize("how", ["cache_implementation", "user_cache"])
-def test_a_static_cache_with_causal_routing_is_one_clear_error(how):
-    config = PolyGLUConfig(**TINY, ffn_type="polyglu", routing_pooling="causal")
-    model = PolyGLUForCausalLM(config).eval()
-    ids = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(0))
-    kwargs = ({"cache_implementation": "static"} if how == "cache_implementation"
-              else {"past_key_values": StaticCache(config=config, max_cache_len=32)})
-    with pytest.raises(ValueError, match="a StaticCache cannot carry it"):
-        model.generate(ids, max_new_tokens=3, do_sample=False, **kwargs)
 
 
 @pytest.mark.parametrize("variant", [{"ffn_type": "swiglu"}, {"ffn_type": "moa"}, {"ffn_type": "polyglu", "routing_pooling": "token"}])

@@ -3,9 +3,9 @@ reorders) the causal routing state."""
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
-from modeling_polyglu import PolyGLUCache
+from modeling_polyglu import PolyGLUCache, PolyGLUStaticCache
 from modeling_polyglu.modeling_polyglu import CACHE_NAME, cache_of
 
 from .utils import tiny_config, tiny_model, variant_id
@@ -170,6 +170,80 @@ def test_non_empty_foreign_dynamic_cache_is_rejected():
     with pytest.raises(ValueError, match="PolyGLUCache"):
         with torch.no_grad():
             model(input_ids[:, -1:], attention_mask=next_mask, cache=foreign, use_cache=True)
+
+
+@pytest.mark.parametrize("variant", [("polyglu", {}), ("polyglu", {"routing_hard": True}), ("moa", {})], ids=variant_id)
+def test_static_cache_generation_equals_recomputation(variant):
+    ffn_type, options = variant
+    model = generation_model(ffn_type, **options)
+    input_ids, attention_mask = left_padded_prompts(seed=7)
+    static = generate(model, input_ids, attention_mask, cache_implementation="static")
+    assert static[:, PROMPT_LENGTH:].unique().numel() > 3, "degenerate continuation, the comparison would be weak"
+    assert torch.equal(static, generate(model, input_ids, attention_mask, use_cache=False))
+    assert torch.equal(static, generate(model, input_ids, attention_mask))  # the dynamic cache
+
+
+def test_static_cache_generation_depends_on_the_routing_state():
+    """The control: the same weights routed per token generate otherwise, so the equalities above are not vacuous."""
+    input_ids, attention_mask = left_padded_prompts(seed=7)
+    causal = generate(generation_model("polyglu"), input_ids, attention_mask, cache_implementation="static")
+    per_token = generate(generation_model("polyglu", routing_pooling="token"), input_ids, attention_mask,
+                         cache_implementation="static")
+    assert not torch.equal(causal, per_token)
+
+
+def test_static_cache_generation_with_a_fullgraph_compiled_forward_equals_recomputation():
+    """The fast path transformers documents for static caches: `model.forward = torch.compile(..., fullgraph=True)`."""
+    model = generation_model("polyglu")
+    input_ids, attention_mask = left_padded_prompts(seed=7)
+    recomputed = generate(model, input_ids, attention_mask, use_cache=False)
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    try:
+        compiled = generate(model, input_ids, attention_mask, cache_implementation="static")
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(compiled, recomputed)
+
+
+def test_a_reset_static_cache_starts_the_next_generation_from_an_empty_routing_state():
+    model = generation_model("polyglu")
+    first_ids, first_mask = left_padded_prompts(seed=8)
+    second_ids, second_mask = left_padded_prompts(seed=9)
+    cache = StaticCache(config=model.config, max_cache_len=PROMPT_LENGTH + NEW_TOKENS)
+    generate(model, first_ids, first_mask, **{CACHE_NAME: cache})
+    assert isinstance(cache, PolyGLUStaticCache) and cache.routing_sums
+    cache.reset()
+    assert not cache.routing_sums
+    reused = generate(model, second_ids, second_mask, **{CACHE_NAME: cache})
+    assert torch.equal(reused, generate(model, second_ids, second_mask, use_cache=False))
+
+
+def test_static_cache_routing_state_is_updated_in_place():
+    model = generation_model("polyglu")
+    input_ids, attention_mask = left_padded_prompts(seed=10)
+    cache = StaticCache(config=model.config, max_cache_len=PROMPT_LENGTH + 4)
+    positions = positions_from_mask(attention_mask)
+    with torch.no_grad():
+        output = model(input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True)
+        assert isinstance(cache, PolyGLUStaticCache) and set(cache.routing_sums) == {0, 1}
+        addresses = {layer: tensor.data_ptr() for layer, tensor in cache.routing_sums.items()}
+        before = cache.routing_sums[0].clone()
+        next_ids = output.logits[:, -1].argmax(-1, keepdim=True)
+        next_mask = torch.cat([attention_mask, torch.ones_like(next_ids)], dim=1)
+        model(next_ids, attention_mask=next_mask, position_ids=positions[:, -1:] + 1, cache=cache, use_cache=True)
+    assert {layer: tensor.data_ptr() for layer, tensor in cache.routing_sums.items()} == addresses
+    assert not torch.equal(cache.routing_sums[0], before)
+
+
+def test_caches_of_other_layouts_are_rejected_with_what_works():
+    class CustomCache(DynamicCache):
+        pass
+
+    model = generation_model("polyglu")
+    input_ids, attention_mask = left_padded_prompts(seed=11)
+    with pytest.raises(ValueError, match="a CustomCache cannot carry it.*StaticCache"):
+        with torch.no_grad():
+            model(input_ids, attention_mask=attention_mask, cache=CustomCache(config=model.config), use_cache=True)
 
 
 def labelled_cache(batch: int = 3) -> PolyGLUCache:
