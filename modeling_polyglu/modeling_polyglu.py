@@ -802,6 +802,16 @@ class PolyGLUStaticCache(RoutingStateMixin, StaticCache):
         held.copy_(running_sum)
         self.routing_counts[layer_idx].copy_(running_count)
 
+    def _map_routing_state(self, fn):
+        # beam reordering keeps the shape: in place, like the keys and values; batch expansion reallocates
+        for store in (self.routing_sums, self.routing_counts):
+            for layer_idx, tensor in store.items():
+                mapped = fn(tensor)
+                if mapped.shape == tensor.shape:
+                    tensor.copy_(mapped)
+                else:
+                    store[layer_idx] = mapped
+
 
 # the caches that routing state can be added to, by their exact class (subclasses keep other layouts)
 ROUTING_CACHE_CLASSES = {DynamicCache: PolyGLUCache, StaticCache: PolyGLUStaticCache}

@@ -118,12 +118,14 @@ def test_step_by_step_check_detects_a_lost_routing_state(monkeypatch):
     assert step_by_step_logit_difference(model) > 1e-3
 
 
-def test_beam_search_with_cache_equals_recomputation():
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_beam_search_with_cache_equals_recomputation(cache_implementation):
     model = generation_model("polyglu")
     input_ids, attention_mask = left_padded_prompts(seed=3)
     settings = dict(num_beams=3, num_return_sequences=2, max_new_tokens=8, min_new_tokens=8)
     settings.update(return_dict_in_generate=True, output_scores=True)
-    cached = generate(model, input_ids, attention_mask, use_cache=True, **settings)
+    cached = generate(model, input_ids, attention_mask, use_cache=True, cache_implementation=cache_implementation,
+                      **settings)
     recomputed = generate(model, input_ids, attention_mask, use_cache=False, **settings)
     assert cached.sequences.shape == (2 * len(PAD_LENGTHS), PROMPT_LENGTH + 8)
     assert torch.equal(cached.sequences, recomputed.sequences)
