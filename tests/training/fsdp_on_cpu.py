@@ -1,11 +1,12 @@
-"""`polyglu sft` with FSDP2 forced on for CPU ranks — a test-only launcher (users on GPUs need none of this).
+"""`polyglu sft` (or `pretrain`) with FSDP2 forced on for CPU ranks — a test-only launcher (GPUs need none of this).
 
 accelerate 1.15 turns FSDP on only for GPU-like distributed types: with CPU ranks the state stays MULTI_CPU, the FSDP
 plugin is dropped without a warning and the Trainer wraps the model in DDP. This script restores what accelerate does
-on GPUs — distributed type FSDP with the launcher's plugin — right after the state is built, then runs `polyglu sft`:
+on GPUs — distributed type FSDP with the launcher's plugin — right after the state is built, then runs `polyglu sft`
+(or `polyglu pretrain` when the first argument is `pretrain`):
 
     accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2 --mixed_precision no \
-        tests/training/fsdp_on_cpu.py --use_cpu true <polyglu sft arguments>
+        tests/training/fsdp_on_cpu.py [pretrain] --use_cpu true <polyglu sft / pretrain arguments>
 """
 
 import sys
@@ -39,6 +40,10 @@ AcceleratorState.__init__ = _init_with_fsdp_on_cpu
 accelerate.accelerator.fsdp2_prepare_model = _prepare_model_and_report_sharding  # where Accelerator looks it up
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["pretrain"]:
+        from modeling_polyglu.training.pretrain import main as pretrain_main
+
+        sys.exit(pretrain_main(sys.argv[2:]))
     from modeling_polyglu.training.sft import main
 
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""`polyglu pretrain` on two DDP ranks (CPU, gloo) equals one process training on the same global batch.
+"""`polyglu pretrain` on two ranks (CPU, gloo) — DDP, DeepSpeed ZeRO-2/3, FSDP2 — equals one process on the same batch.
 
 Both runs: the tiny-debug polyglu preset, a local 120-document corpus, packed rows of 32 tokens, 4 steps of 4 rows
 (one process x 4, or 2 ranks x 2: the packed row stream is dispatched in order, so both see the same rows), eval and
@@ -11,6 +11,11 @@ Against one process (relative 1e-5):
 - the saved weights and run_summary.json (final loss, tokens per step, world size in the settings)
   [test_ddp_pretrain_saves_what_one_process_saves]
 - every `routing/*` metric of every measurement [test_ddp_pretrain_routing_metrics_equal]
+
+The same 2-rank run under `accelerate launch` with recipes/accelerate/deepspeed_zero2.yaml, deepspeed_zero3.yaml
+(DeepSpeed's partitioned optimizer state is checked on disk) and fsdp.yaml (through the FSDP2 shim, which reports the
+sharding), against DDP: losses, grad norms and eval losses, the saved weights, and the routing metrics
+[test_engine_pretrain_equals_ddp]. deepspeed is optional like in test_engines.py.
 """
 
 import json
@@ -20,7 +25,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .distributed_runs import DDP_LAUNCHER, free_port, run_checked
+from .distributed_runs import DDP_LAUNCHER, RECIPES, REPO, free_port, run_checked
+from .test_engines import ENGINE_PACKAGES, accelerate_config, require
 from .test_pretrain import write_corpus
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -42,17 +48,32 @@ def pretrain_arguments(corpus, output_dir, rows_per_process: int) -> list[str]:
     ]
 
 
+PRETRAIN_MODULE = ("-m", "modeling_polyglu.cli", "pretrain")
+ENGINE_LAUNCH = {  # engine -> (accelerate's launcher arguments, what it runs)
+    "zero2": (accelerate_config("deepspeed_zero2"), (str(RECIPES / "pretrain.py"),)),
+    "zero3": (accelerate_config("deepspeed_zero3"), (str(RECIPES / "pretrain.py"),)),
+    "fsdp2": (accelerate_config("fsdp"), (str(REPO / "tests" / "training" / "fsdp_on_cpu.py"), "pretrain")),
+}
+
+
+def launch_two_rank_pretrain(corpus, output_dir, launcher, entry):
+    return run_checked([
+        sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", "2",
+        "--main_process_port", str(free_port()), *entry, *pretrain_arguments(corpus, output_dir, GLOBAL_ROWS // 2),
+    ], output_dir)
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("pretrain_corpus") / "corpus.jsonl")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, corpus):
     root = tmp_path_factory.mktemp("pretrain_distributed")
-    corpus = write_corpus(root / "corpus.jsonl")
     one, ddp = root / "one_process", root / "ddp"
-    module = ("-m", "modeling_polyglu.cli", "pretrain")
-    run_checked([sys.executable, *module, *pretrain_arguments(corpus, one, GLOBAL_ROWS)], one)
-    run_checked([
-        sys.executable, "-m", "accelerate.commands.launch", *DDP_LAUNCHER, "--num_processes", "2",
-        "--main_process_port", str(free_port()), *module, *pretrain_arguments(corpus, ddp, GLOBAL_ROWS // 2),
-    ], ddp)
+    run_checked([sys.executable, *PRETRAIN_MODULE, *pretrain_arguments(corpus, one, GLOBAL_ROWS)], one)
+    launch_two_rank_pretrain(corpus, ddp, DDP_LAUNCHER, PRETRAIN_MODULE)
     return one, ddp
 
 
@@ -76,13 +97,17 @@ def test_ddp_pretrain_trains_like_one_process(runs):
     assert losses[-1] < losses[0] - 0.1, "the runs did not learn: equal losses would prove little"
 
 
-def test_ddp_pretrain_saves_what_one_process_saves(runs):
-    one, ddp = runs
-    weights, reference = load_file(str(ddp / "model.safetensors")), load_file(str(one / "model.safetensors"))
+def assert_same_weights(output_dir, reference_dir):
+    weights, reference = load_file(str(output_dir / "model.safetensors")), load_file(str(reference_dir / "model.safetensors"))
     assert sorted(weights) == sorted(reference)
     for key, tensor in reference.items():
         assert weights[key].dtype == tensor.dtype, key
         torch.testing.assert_close(weights[key], tensor, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_ddp_pretrain_saves_what_one_process_saves(runs):
+    one, ddp = runs
+    assert_same_weights(ddp, one)
     summary = json.loads((ddp / "run_summary.json").read_text())
     expected = json.loads((one / "run_summary.json").read_text())
     assert summary["final_eval_loss"] == pytest.approx(expected["final_eval_loss"], rel=1e-5)
@@ -91,10 +116,9 @@ def test_ddp_pretrain_saves_what_one_process_saves(runs):
     assert (ddp / "README.md").is_file() and sorted(ddp.glob("routing_initial_snapshot*")) != []
 
 
-def test_ddp_pretrain_routing_metrics_equal(runs):
-    one, ddp = runs
-    history = json.loads((ddp / "routing_report.json").read_text())["history"]
-    reference = json.loads((one / "routing_report.json").read_text())["history"]
+def assert_same_routing_metrics(output_dir, reference_dir):
+    history = json.loads((output_dir / "routing_report.json").read_text())["history"]
+    reference = json.loads((reference_dir / "routing_report.json").read_text())["history"]
     assert [entry["step"] for entry in history] == [entry["step"] for entry in reference] == [0, 2, 4]
     assert reference[-1]["metrics"]["routing/kl_from_initial"] > 0
     for measured, expected in zip(history, reference):
@@ -104,3 +128,27 @@ def test_ddp_pretrain_routing_metrics_equal(runs):
             assert measured["metrics"][key] == pytest.approx(expected["metrics"][key], rel=1e-5, abs=1e-9), (
                 f"step {expected['step']}: {key}"
             )
+
+
+def test_ddp_pretrain_routing_metrics_equal(runs):
+    one, ddp = runs
+    assert_same_routing_metrics(ddp, one)
+
+
+@pytest.mark.parametrize("engine", list(ENGINE_LAUNCH))
+def test_engine_pretrain_equals_ddp(engine, runs, corpus, tmp_path):
+    require(ENGINE_PACKAGES[engine])
+    _, ddp = runs
+    output_dir = tmp_path / engine
+    result = launch_two_rank_pretrain(corpus, output_dir, *ENGINE_LAUNCH[engine])
+    if engine == "fsdp2":
+        assert "parameters are DTensors" in result.stdout + result.stderr, "FSDP2 did not shard"
+    else:  # DeepSpeed's own checkpoint: the optimizer state partitioned over the two ranks
+        partitions = sorted((output_dir / f"checkpoint-{STEPS}" / f"global_step{STEPS}").glob("*optim_states.pt"))
+        assert len(partitions) == 2, partitions
+    for key in ("loss", "grad_norm", "eval_loss"):
+        measured, reference = _series(output_dir, key), _series(ddp, key)
+        assert [step for step, _ in measured] == [step for step, _ in reference], key
+        assert [value for _, value in measured] == pytest.approx([value for _, value in reference], rel=1e-5), key
+    assert_same_weights(output_dir, ddp)
+    assert_same_routing_metrics(output_dir, ddp)
