@@ -374,6 +374,7 @@ class PolyGLURouter(nn.Module):
         self.proj_out = nn.Linear(config.router_hidden_size, self.num_activations, dtype=ROUTER_DTYPE)
         self.preference = preference_logits(activations, config.router_init_activation, config.router_init_strength)
         self.vllm_running_mean = None  # vLLM attention layers holding causal pooling's state, when vLLM serves it
+        self.vllm_alpha_rows = None  # under vLLM tensor parallelism: the rows of α for this rank's slice of d_ff
 
     def initialize_parameters(self, initializer_range: float):
         init.copy_(self.alpha, _like(self.preference, self.alpha).expand_as(self.alpha))
@@ -410,7 +411,8 @@ class PolyGLURouter(nn.Module):
         """(static [B|1, 1, F, K], token [B, T, 1, K]) logits from the router MLP's hidden layer [B, T, w]."""
         dynamic = self.proj_out(in_dtype_of(self.proj_out, hidden))
         token_logits = (self.beta.float() * dynamic).unsqueeze(2)  # [B, T, 1, K]
-        static_logits = self.alpha.float()[None, None]  # [1, 1, F, K]
+        alpha = self.alpha if self.vllm_alpha_rows is None else self.alpha[self.vllm_alpha_rows]
+        static_logits = alpha.float()[None, None]  # [1, 1, F, K]
         if self.training and self.config.routing_noise == "gumbel":
             # One draw per sequence, neuron and activation, shared by all tokens (as the reference). Drawn for every
             # d_ff neuron and sliced: under tensor parallelism each rank's share of the unsharded draw. Drawn for the
@@ -1110,6 +1112,29 @@ def vllm_running_mean(layers: nn.ModuleDict, values: torch.Tensor) -> torch.Tens
     return torch.cat(means, dim=-1).to(values.dtype).reshape(values.shape)
 
 
+def vllm_tensor_parallel_rows(intermediate_size: int) -> Optional[slice]:
+    """This rank's rows of d_ff under vLLM tensor parallelism (None without it), as vLLM splits gate/up_proj.
+
+    vLLM shards the Linear layers of the tensor-parallel plan but not a bare parameter such as PolyGLU's α, which is
+    loaded whole ([d_ff, K], small) and sliced to the rows this rank computes.
+    """
+    try:  # guarded: see vllm_running_mean_layers
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+    except ImportError as error:
+        raise ImportError("this model is being built for vLLM, but vLLM cannot be imported.") from error
+    size = get_tensor_model_parallel_world_size()
+    if size == 1:
+        return None
+    if intermediate_size % size:
+        raise ValueError(
+            f"vLLM cannot split intermediate_size={intermediate_size} over tensor_parallel_size={size}; pick a size "
+            "that divides it."
+        )
+    rows = intermediate_size // size
+    rank = get_tensor_model_parallel_rank()
+    return slice(rank * rows, (rank + 1) * rows)
+
+
 class PolyGLUModel(PolyGLUPreTrainedModel):
     def __init__(self, config: PolyGLUConfig):
         super().__init__(config)
@@ -1124,12 +1149,14 @@ class PolyGLUModel(PolyGLUPreTrainedModel):
         self.rotary_emb = PolyGLURotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.routing_noise_replica = (0, 1)  # see set_routing_noise_replica
-        if self.served_by_vllm and config.routing_pooling == "causal":
+        if self.served_by_vllm:
             for layer in self.layers:
-                if isinstance(getattr(layer.mlp, "router", None), PolyGLURouter):
-                    layer.mlp.router.vllm_running_mean = vllm_running_mean_layers(
-                        layer.mlp.layer_idx, config.router_hidden_size
-                    )
+                router = getattr(layer.mlp, "router", None)
+                if not isinstance(router, PolyGLURouter):
+                    continue
+                router.vllm_alpha_rows = vllm_tensor_parallel_rows(config.intermediate_size)
+                if config.routing_pooling == "causal":
+                    router.vllm_running_mean = vllm_running_mean_layers(layer.mlp.layer_idx, config.router_hidden_size)
         self._keep_in_fp32_modules_strict = routing_parameters_kept_in_fp32(self)  # the heads inherit it in post_init
         self.post_init()
 

@@ -6,7 +6,8 @@ served by vLLM (fp32, greedy) from the remote code next to the weights. Against 
 checkpoint, one prompt at a time: the same tokens, and chosen-token logprobs within 1e-4. Within vLLM: each prompt
 alone gives the tokens and logprobs it gets in a batch with the others. Causal PolyGLU keeps its running mean in
 vLLM's KV cache, so it is also served under vLLM's torch.compile with prefill split into chunks and with prompts read
-from the prefix cache, and its routers are random enough that pooling per token instead would change the outputs. Sequence PolyGLU fails
+from the prefix cache, and its routers are random enough that pooling per token instead would change the outputs.
+Causal PolyGLU, moa and dualglu are also served with tensor_parallel_size=2 (two worker processes on the CPU). Sequence PolyGLU fails
 to load with a message. `vllm serve` (through modeling_polyglu.vllm_cli) answers an OpenAI-style completion on
 127.0.0.1 with the text and logprobs transformers gives.
 
@@ -76,6 +77,14 @@ SCHEDULING_SETTINGS = dict(
     enforce_eager=False, max_num_batched_tokens=16, max_num_seqs=4, enable_prefix_caching=True, block_size=32,
 )
 SHARED_PREFIX = 64
+# Served with tensor_parallel_size=2 (two CPU worker processes): gate/up split on d_ff, PolyGLU's α sliced to match
+TENSOR_PARALLEL = dict(
+    ffn_types=["polyglu", "moa", "dualglu"], router_init_activation=None, hidden_size=128, num_attention_heads=4,
+    num_key_value_heads=2,
+)
+TENSOR_PARALLEL_SETTINGS = dict(tensor_parallel_size=2, distributed_executor_backend="mp")
+# vLLM's workers run in processes of their own; each binds its OpenMP threads to one core of this machine's one NUMA node
+TENSOR_PARALLEL_ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 
 
 def prompt_ids(vocab_size: int) -> list[list[int]]:
@@ -122,6 +131,17 @@ def max_logprob_gap(first: list[dict], second: list[dict]) -> float:
     return max(abs(a - b) for x, y in zip(first, second) for a, b in zip(x["logprobs"], y["logprobs"]))
 
 
+def serve_in_a_child(root: Path, jobs: list[dict], environment: dict = None) -> list[dict]:
+    """tests/vllm_child.py's results for `jobs` (without this repository on the path: the remote code must serve)."""
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    child = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tests" / "vllm_child.py"), str(root / "jobs.json"), str(root / "results.json")],
+        capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHONPATH": "", **(environment or {})},
+    )
+    assert child.returncode == 0, child.stderr[-4000:]
+    return json.loads((root / "results.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> dict:
     """name -> {"hf": [per prompt], "vllm": the child's result} for every checkpoint of SERVED and REFUSED."""
@@ -132,13 +152,7 @@ def served(tmp_path_factory) -> dict:
     jobs = [{"model": str(path), "prompts": prompts, "max_tokens": MAX_TOKENS} for path in checkpoints.values()]
     jobs.append({"model": str(checkpoints[SCHEDULED]), "prompts": long_prompts, "max_tokens": MAX_TOKENS,
                  "settings": SCHEDULING_SETTINGS})
-    (root / "jobs.json").write_text(json.dumps(jobs))
-    child = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tests" / "vllm_child.py"), str(root / "jobs.json"), str(root / "results.json")],
-        capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHONPATH": ""},
-    )
-    assert child.returncode == 0, child.stderr[-4000:]
-    results = dict(zip([*checkpoints, "scheduled"], json.loads((root / "results.json").read_text())))
+    results = dict(zip([*checkpoints, "scheduled"], serve_in_a_child(root, jobs)))
     references = {}
     for name in SERVED:
         model = PolyGLUForCausalLM.from_pretrained(checkpoints[name]).eval()
@@ -181,6 +195,20 @@ def test_compiled_causal_routing_continues_across_prefill_chunks_and_cached_pref
     per_token = served["hf"]["scheduled-per-token"]
     assert max_logprob_gap(per_token, hf) > 100 * LOGPROB_TOLERANCE
     assert [row["tokens"] for row in per_token] != [row["tokens"] for row in hf]
+
+
+def test_tensor_parallel_serving_equals_transformers(tmp_path):
+    checkpoint = build_checkpoint(tmp_path / "tensor-parallel", TENSOR_PARALLEL)
+    prompts = prompt_ids(len(build_char_tokenizer([ALPHABET])))
+    job = {"model": str(checkpoint), "prompts": prompts, "max_tokens": MAX_TOKENS, "settings": TENSOR_PARALLEL_SETTINGS}
+    (result,) = serve_in_a_child(tmp_path, [job], TENSOR_PARALLEL_ENVIRONMENT)
+    assert "error" not in result, result.get("error")
+    model = PolyGLUForCausalLM.from_pretrained(checkpoint).eval()
+    hf = [hf_greedy(model, ids, MAX_TOKENS) for ids in prompts]
+    assert len({token for row in hf for token in row["tokens"]}) > 4
+    for run in ("batched", "alone"):
+        assert [row["tokens"] for row in result[run]] == [row["tokens"] for row in hf], run
+        assert max_logprob_gap(result[run], hf) <= LOGPROB_TOLERANCE, run  # the ranks' all-reduce adds rounding
 
 
 @pytest.mark.parametrize("name", REFUSED)
