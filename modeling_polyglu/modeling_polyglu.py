@@ -1120,8 +1120,8 @@ def vllm_tensor_parallel_rows(intermediate_size: int) -> Optional[slice]:
     """
     try:  # guarded: see vllm_running_mean_layers
         from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
-    except ImportError as error:
-        raise ImportError("this model is being built for vLLM, but vLLM cannot be imported.") from error
+    except ImportError:
+        return None  # no vLLM, no vLLM tensor parallelism (tests build models as vLLM would, without it)
     size = get_tensor_model_parallel_world_size()
     if size == 1:
         return None
