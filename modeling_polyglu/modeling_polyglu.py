@@ -7,10 +7,13 @@ for the routed variants, one `router` submodule holding every routing parameter 
 lives in activation_mixing.py.
 
 PolyGLU's causal routing pools the router input over the tokens seen so far of the current document; the running
-sum lives in :class:`PolyGLUCache` so cached generation equals recomputation.
+sum lives in the cache (:class:`PolyGLUCache`, :class:`PolyGLUStaticCache`) so cached generation equals
+recomputation. When vLLM builds the model, that state lives in vLLM's paged KV cache instead, through one extra
+attention layer per router (see "Serving with vLLM" below).
 
 This file is part of the remote code saved next to a checkpoint: it imports only torch, transformers and its
-sibling files, and uses only public transformers surfaces.
+sibling files (vLLM only inside guarded imports, where vLLM builds the model), and uses only public transformers
+surfaces.
 """
 
 import dataclasses
