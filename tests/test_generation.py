@@ -207,6 +207,23 @@ def test_static_cache_generation_with_a_fullgraph_compiled_forward_equals_recomp
     assert torch.equal(compiled, recomputed)
 
 
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_chunked_prefill_equals_recomputation(cache_implementation):
+    model = generation_model("polyglu")
+    input_ids, attention_mask = left_padded_prompts(seed=7)
+    chunk_lengths = []
+    hook = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: chunk_lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        chunked = generate(model, input_ids, attention_mask, cache_implementation=cache_implementation,
+                           prefill_chunk_size=3)
+    finally:
+        hook.remove()
+    assert chunk_lengths[:3] == [3, 3, 2]  # the 8-token prompts went in three chunks, the running state across them
+    assert torch.equal(chunked, generate(model, input_ids, attention_mask, use_cache=False))
+
+
 def test_a_reset_static_cache_starts_the_next_generation_from_an_empty_routing_state():
     model = generation_model("polyglu")
     first_ids, first_mask = left_padded_prompts(seed=8)
