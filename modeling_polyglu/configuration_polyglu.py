@@ -283,12 +283,16 @@ class PolyGLUConfig(PreTrainedConfig):
         """The feed-forward variant of layer `layer_idx` (`ffn_types` entry, else `ffn_type`)."""
         return self.ffn_types[layer_idx] if self.ffn_types is not None else self.ffn_type
 
+    def polyglu_pools(self, *poolings: str) -> bool:
+        """True when some polyglu layer exists and routing_pooling is one of `poolings`."""
+        return self.routing_pooling in poolings and any(
+            self.ffn_type_of_layer(i) == "polyglu" for i in range(self.num_hidden_layers)
+        )
+
     @property
     def uses_noncausal_routing(self) -> bool:
         """True when some polyglu layer pools over the whole sequence (cached generation is impossible)."""
-        return self.routing_pooling == "sequence" and any(
-            self.ffn_type_of_layer(i) == "polyglu" for i in range(self.num_hidden_layers)
-        )
+        return self.polyglu_pools("sequence")
 
 
 __all__ = ["PolyGLUConfig", "FFN_TYPES"]

@@ -750,13 +750,16 @@ class RoutingStateMixin:
         return self.routing_sums.get(layer_idx), self.routing_counts.get(layer_idx)
 
     def set_routing_state(self, layer_idx: int, running_sum: torch.Tensor, running_count: torch.Tensor):
-        self.routing_sums[layer_idx] = running_sum
-        self.routing_counts[layer_idx] = running_count
+        self._hold(self.routing_sums, layer_idx, running_sum)
+        self._hold(self.routing_counts, layer_idx, running_count)
+
+    def _hold(self, store: dict, layer_idx: int, tensor: torch.Tensor) -> None:
+        store[layer_idx] = tensor
 
     def _map_routing_state(self, fn):
         for store in (self.routing_sums, self.routing_counts):
-            for layer_idx, tensor in store.items():
-                store[layer_idx] = fn(tensor)
+            for layer_idx, tensor in list(store.items()):
+                self._hold(store, layer_idx, fn(tensor))
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
@@ -799,23 +802,13 @@ class PolyGLUStaticCache(RoutingStateMixin, StaticCache):
     to the next, as the static cache's keys and values do (what a compiled or CUDA-graphed decoding step needs).
     """
 
-    def set_routing_state(self, layer_idx: int, running_sum: torch.Tensor, running_count: torch.Tensor):
-        held = self.routing_sums.get(layer_idx)
-        if held is None or held.shape != running_sum.shape:
-            super().set_routing_state(layer_idx, running_sum.clone(), running_count.clone())
-            return
-        held.copy_(running_sum)
-        self.routing_counts[layer_idx].copy_(running_count)
-
-    def _map_routing_state(self, fn):
-        # beam reordering keeps the shape: in place, like the keys and values; batch expansion reallocates
-        for store in (self.routing_sums, self.routing_counts):
-            for layer_idx, tensor in store.items():
-                mapped = fn(tensor)
-                if mapped.shape == tensor.shape:
-                    tensor.copy_(mapped)
-                else:
-                    store[layer_idx] = mapped
+    def _hold(self, store: dict, layer_idx: int, tensor: torch.Tensor) -> None:
+        # in place when the shape allows (decoding steps, beam reordering); batch expansion and a first chunk allocate
+        held = store.get(layer_idx)
+        if held is not None and held.shape == tensor.shape:
+            held.copy_(tensor)
+        else:
+            store[layer_idx] = tensor.clone()
 
 
 # the caches that routing state can be added to, by their exact class (subclasses keep other layouts)
@@ -824,10 +817,7 @@ ROUTING_CACHE_CLASSES = {DynamicCache: PolyGLUCache, StaticCache: PolyGLUStaticC
 
 def ensure_routing_cache(cache: Optional[Cache], config: PolyGLUConfig) -> Optional[Cache]:
     """Return a cache able to carry causal routing state (converting an empty DynamicCache or StaticCache in place)."""
-    needs_state = config.routing_pooling == "causal" and any(
-        config.ffn_type_of_layer(i) == "polyglu" for i in range(config.num_hidden_layers)
-    )
-    if cache is None or isinstance(cache, RoutingStateMixin) or not needs_state:
+    if cache is None or isinstance(cache, RoutingStateMixin) or not config.polyglu_pools("causal"):
         return cache
     routing_class = ROUTING_CACHE_CLASSES.get(type(cache))
     if routing_class is not None and cache.get_seq_length() == 0:
@@ -1052,9 +1042,7 @@ def refuse_noncausal_routing_under_vllm(config: PolyGLUConfig) -> None:
     server that streams tokens cannot compute it, and vLLM would pool over what it has and serve wrong outputs
     without an error, so loading fails instead.
     """
-    if config._attn_implementation not in VLLM_ATTENTION_IMPLEMENTATIONS or config.routing_pooling != "sequence":
-        return
-    if any(config.ffn_type_of_layer(i) == "polyglu" for i in range(config.num_hidden_layers)):
+    if config._attn_implementation in VLLM_ATTENTION_IMPLEMENTATIONS and config.uses_noncausal_routing:
         raise ValueError(
             "vLLM cannot serve this model: its PolyGLU layers route with routing_pooling='sequence', which depends "
             "on the mean over the whole sequence, later tokens included, so no server can stream it. Serve it with "
@@ -1152,12 +1140,13 @@ class PolyGLUModel(PolyGLUPreTrainedModel):
         self.rotary_emb = PolyGLURotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.routing_noise_replica = (0, 1)  # see set_routing_noise_replica
-        if self.served_by_vllm:
+        if self.served_by_vllm and config.polyglu_pools("causal", "token"):
+            alpha_rows = vllm_tensor_parallel_rows(config.intermediate_size)
             for layer in self.layers:
                 router = getattr(layer.mlp, "router", None)
                 if not isinstance(router, PolyGLURouter):
                     continue
-                router.vllm_alpha_rows = vllm_tensor_parallel_rows(config.intermediate_size)
+                router.vllm_alpha_rows = alpha_rows
                 if config.routing_pooling == "causal":
                     router.vllm_running_mean = vllm_running_mean_layers(layer.mlp.layer_idx, config.router_hidden_size)
         self._keep_in_fp32_modules_strict = routing_parameters_kept_in_fp32(self)  # the heads inherit it in post_init
@@ -1180,11 +1169,7 @@ class PolyGLUModel(PolyGLUPreTrainedModel):
         Under vLLM those layers read vLLM's own per-request state. Outside these cases the data-dependent test for
         packed rows stays out of the forward (vLLM's torch.compile traces the whole forward and cannot take it).
         """
-        config = self.config
-        return (
-            config.routing_pooling != "token" and not self.served_by_vllm
-            and any(config.ffn_type_of_layer(i) == "polyglu" for i in range(config.num_hidden_layers))
-        )
+        return not self.served_by_vllm and self.config.polyglu_pools("causal", "sequence")
 
     def forward(
         self,
