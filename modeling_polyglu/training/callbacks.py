@@ -3,6 +3,8 @@
 * :class:`RoutingArguments` — the routing options of `polyglu sft` (parsed next to TRL's own arguments).
 * :class:`RoutingTauCallback` — keeps τ fixed (the checkpoint's `routing_tau`) or anneals it linearly/cosine; the
   final τ is written to the model config, so the saved model evaluates with it.
+* :class:`RoutingNoiseReplicaCallback` — tells the model its data-parallel replica, so that ranks seeded alike draw
+  different Gumbel routing noise (together, what one process with their whole batch draws).
 * :class:`RoutingMonitorCallback` — every `routing_monitor_steps` steps (and at start and end) measures the routing
   the model applies on a fixed probe set (see routing_stats.py), logs `routing/...` keys through `Trainer.log` (so
   they reach log_history and every report_to backend), raises alerts, and writes the report and plots at the end.
