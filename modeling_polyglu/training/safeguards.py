@@ -104,14 +104,21 @@ def reject_zero_max_steps(max_steps: int) -> None:
         )
 
 
-def reject_lora_with_tensor_parallelism(use_peft: bool, model) -> None:
-    """PEFT keeps trainable copies of the routers (modules_to_save) by deep-copying them, which a router holding a
-    sharded α (a DTensor) and a tensor-parallel forward does not survive."""
-    if use_peft and (getattr(model, "tp_size", None) or 1) > 1:
+def reject_dora_with_tensor_parallelism(use_dora: bool, tensor_parallel: bool) -> None:
+    """PEFT computes DoRA's weight norms from the sharded weight and its local LoRA product, which it cannot add."""
+    if use_dora and tensor_parallel:
         raise ValueError(
-            "LoRA (--use_peft) does not work with a tensor-parallel model (tp_plan in --model_init_kwargs): PEFT "
-            "copies the routers to train them. Fine-tune fully with tensor parallelism, or use LoRA with DDP, "
-            "DeepSpeed or FSDP (recipes/README.md)."
+            "--use_dora does not work with a tensor-parallel model (tp_plan in --model_init_kwargs): PEFT cannot take "
+            "the norms of sharded weights. Use plain LoRA (or rsLoRA) with tensor parallelism, or DoRA with DDP, "
+            "DeepSpeed or FSDP."
+        )
+
+
+def reject_lora_target_parameters(target_parameters) -> None:
+    if target_parameters:
+        raise ValueError(
+            "--lora_target_parameters puts LoRA on bare parameters, which PolyGLU-family models train in full "
+            "(the routers are saved with the adapter); drop it and use --lora_target_modules for projections."
         )
 
 

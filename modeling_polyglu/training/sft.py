@@ -7,7 +7,9 @@ Arguments are TRL's (ScriptArguments, SFTConfig, ModelConfig) plus :class:`Routi
   `load_dataset("json", data_files=...)`, which works offline; a bare path would be looked up on the Hub);
 * without CUDA the defaults become `use_cpu=True, bf16=False` (TRL's bf16 default raises on a CPU);
 * router parameters are never weight-decayed; `--use_peft` puts LoRA on every attention/FFN projection and trains the
-  routers in full (`modules_to_save=["router"]`, saved in the adapter);
+  routers in full (`modules_to_save=["router"]`, saved in the adapter), with `--use_rslora`/`--use_dora` honoured;
+  the adapter starts from weights drawn by seed and parameter name, so every parallel layout (tensor parallelism
+  included) starts where one process does;
 * a held-out probe slice (`--routing_probe_size` examples) is removed from the training data and used by the routing
   monitor; its report and plots land in `--output_dir`.
 """
@@ -128,7 +130,10 @@ def run_sft(script_args, training_args, model_args, routing_args, quiet: bool = 
     `quiet` keeps the console free of per-step log dictionaries (they still reach log_history and report_to).
     """
     from .callbacks import add_routing_callbacks, remove_console_printers
-    from .peft import lora_config_for
+    from .peft import (
+        draw_lora_weights_by_name, finish_tensor_parallel_lora, is_tensor_parallel, lora_config_for,
+        prepare_tensor_parallel_lora,
+    )
     from .routing_stats import tokenize_probe, unwrap_polyglu_model
     from .trainer import PolyGLUSFTTrainer
 
@@ -146,9 +151,10 @@ def run_sft(script_args, training_args, model_args, routing_args, quiet: bool = 
     train, evaluation, probe_examples = _split_probe(dataset, script_args, routing_args, training_args.seed)
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     unwrap_polyglu_model(model)  # a clear error now if this is not a PolyGLU-family model
-    safeguards.reject_lora_with_tensor_parallelism(model_args.use_peft, model)
     peft_config = None
     if model_args.use_peft:
+        safeguards.reject_lora_target_parameters(model_args.lora_target_parameters)
+        safeguards.reject_dora_with_tensor_parallelism(model_args.use_dora, is_tensor_parallel(model))
         peft_config = lora_config_for(
             model,
             r=model_args.lora_r,
@@ -156,7 +162,11 @@ def run_sft(script_args, training_args, model_args, routing_args, quiet: bool = 
             lora_dropout=model_args.lora_dropout,
             target_modules=model_args.lora_target_modules,
             modules_to_save=model_args.lora_modules_to_save,
+            use_rslora=model_args.use_rslora,
+            use_dora=model_args.use_dora,
         )
+        if is_tensor_parallel(model):
+            prepare_tensor_parallel_lora(model, peft_config.modules_to_save or ())
     trainer = PolyGLUSFTTrainer(
         model=model,
         args=training_args,
@@ -165,6 +175,10 @@ def run_sft(script_args, training_args, model_args, routing_args, quiet: bool = 
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    if model_args.use_peft:
+        if is_tensor_parallel(model):
+            finish_tensor_parallel_lora(trainer.model)
+        draw_lora_weights_by_name(trainer.model, training_args.seed)
     if quiet:
         remove_console_printers(trainer)
     probe_ids = tokenize_probe(probe_examples, tokenizer, max_length=training_args.max_length or 512)

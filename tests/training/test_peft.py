@@ -14,6 +14,8 @@ layer's `mlp.router` in full (`modules_to_save=["router"]`). These tests follow 
   test_auto_peft_model_with_remote_code_reproduces_trained_logits]
 - merge_and_unload: a plain model with the trained routers, saved with its code and loadable without the package
   [test_merge_and_unload_gives_plain_model_with_trained_logits]
+- draw_lora_weights_by_name: A depends on the seed and the name only, PEFT's distribution, B left zero
+  [test_lora_start_depends_on_seed_and_name_only]
 
 The trained model is built once per ffn_type (module-scoped fixture); tests that change it work on copies.
 """
@@ -28,7 +30,7 @@ from safetensors.torch import load_file
 
 import modeling_polyglu  # noqa: F401  (registers the Auto classes)
 from modeling_polyglu import PolyGLUForCausalLM
-from modeling_polyglu.training.peft import lora_config_for
+from modeling_polyglu.training.peft import draw_lora_weights_by_name, lora_config_for
 from modeling_polyglu.conversion.remote_code import load_in_fresh_process
 
 from ..utils import tiny_config, tiny_model
@@ -347,3 +349,26 @@ def test_merge_and_unload_gives_plain_model_with_trained_logits(trained):
         assert info["module"].startswith("transformers_modules.")
         assert remote_delta <= RELOAD_TOLERANCE
         assert max_diff(remote_logits.float(), trained["trained_logits"]) <= MERGE_TOLERANCE
+
+
+def test_lora_start_depends_on_seed_and_name_only():
+    def start(seed, model_seed):
+        peft_model = get_peft_model(tiny_model(model_seed, ffn_type="polyglu"), lora_config_for(tiny_model(0), r=4))
+        draw_lora_weights_by_name(peft_model, seed)
+        return lora_parameters(peft_model)
+
+    first, again, other_base, other_seed = start(7, 0), start(7, 0), start(7, 1), start(8, 0)
+    a_names = [name for name in first if ".lora_A." in name]
+    assert a_names and len(a_names) == len(first) // 2
+    for name, tensor in first.items():
+        torch.testing.assert_close(again[name], tensor, rtol=0, atol=0)
+        torch.testing.assert_close(other_base[name], tensor, rtol=0, atol=0)  # the base weights do not matter
+        if ".lora_B." in name:
+            assert not tensor.any(), name
+            continue
+        assert max_diff(other_seed[name], tensor) > 1e-3, name
+        fan_in = tensor.shape[1]
+        bound = fan_in ** -0.5  # kaiming_uniform with a=√5: sqrt(6 / ((1 + 5) fan_in))
+        assert tensor.abs().max() <= bound and tensor.abs().max() > 0.8 * bound, name
+    different = {first[a].flatten()[:8].tolist().__repr__() for a in a_names}
+    assert len(different) == len(a_names), "two layers started from the same A"

@@ -67,6 +67,25 @@ def test_router_parameters_are_not_decayed_under_peft_either(workspace, tmp_path
     assert trained_routers and not [name for name in decayed if ".router." in name]
 
 
+def test_rslora_and_dora_flags_reach_the_adapter(workspace, tmp_path):
+    output = tmp_path / "out"
+    trainer = sft(workspace, output, "--max_steps", "1", "--use_peft", "--lora_r", "4", "--use_rslora", "true",
+                  "--use_dora", "true", "--routing_monitor_steps", "0")
+    saved = json.loads((output / "adapter_config.json").read_text())
+    assert saved["use_rslora"] is True and saved["use_dora"] is True
+    assert any("lora_magnitude_vector" in name for name, _ in trainer.model.named_parameters())
+
+
+def test_lora_target_parameters_are_refused_in_one_line(workspace, tmp_path, capsys):
+    arguments = ["--model_name_or_path", str(workspace / "polyglu"), "--dataset_name", str(workspace / "data.jsonl"),
+                 "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--use_peft",
+                 "--lora_target_parameters", "alpha"]
+    assert main(["sft", *arguments]) == 2
+    printed = capsys.readouterr().err.strip().splitlines()
+    assert "--lora_target_parameters puts LoRA on bare parameters" in printed[-1] and "Traceback" not in "\n".join(printed)
+    assert not (tmp_path / "out").exists()
+
+
 def test_monitor_logs_through_trainer_log_and_writes_the_report(workspace, tmp_path):
     output = tmp_path / "out"
     trainer = sft(workspace, output, "--report_to", "tensorboard")

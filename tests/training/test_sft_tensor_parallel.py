@@ -14,7 +14,12 @@ Against one process (fp32; relative 1e-5):
 - every `routing/*` metric of every measurement (the group measures the probe once; each rank its d_ff slice)
   [test_tensor_parallel_sft_routing_metrics_equal]
 - the saved model: the same tensors (gathered from the shards), routers fp32 [test_tensor_parallel_sft_saves_the_model]
-LoRA with a tensor-parallel model is refused on every rank in one line [test_lora_with_tensor_parallelism_is_refused_in_one_line].
+
+LoRA (recipes/polyglu_lora.yaml in fp32, its LoRA dropout 0.05 on, the same 5 steps x 2 micro-batches) against LoRA on
+one process, relative 1e-5: losses and grad norms of every step, every routing metric, and every adapter tensor — the
+LoRA matrices gathered from the shards and the routers trained in full, which moved [test_tensor_parallel_lora_*].
+DoRA with a tensor-parallel model is refused on every rank in one line
+[test_dora_with_tensor_parallelism_is_refused_in_one_line].
 """
 
 import json
@@ -36,6 +41,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 # save_only_model: transformers cannot checkpoint the optimizer state of a model sharded at load time
 OVERRIDES = (*RUN_OVERRIDES, "--gradient_accumulation_steps", "2", "--save_only_model", "true", "--report_to", "none")
 SHIM = REPO / "tests" / "training" / "tensor_parallel_on_cpu.py"
+LORA_RECIPE = "polyglu_lora.yaml"
 
 
 def tensor_parallel_command(workspace, recipe: str, output_dir, *overrides: str) -> list[str]:
@@ -53,26 +59,31 @@ def runs(workspace):
     return one, tensor_parallel, result.stdout + result.stderr
 
 
+@pytest.fixture(scope="module")
+def lora_runs(workspace):
+    one, tensor_parallel = workspace.root / "tp_lora_reference_one_process", workspace.root / "tp_lora"
+    overrides = (*OVERRIDES, "--dtype", "float32")
+    run_checked([sys.executable, "-m", "modeling_polyglu.cli", "sft", *sft_arguments(workspace, LORA_RECIPE, one, *overrides)], one)
+    run_checked(tensor_parallel_command(workspace, LORA_RECIPE, tensor_parallel, *overrides), tensor_parallel)
+    return one, tensor_parallel
+
+
 def _step_values(output_dir, key: str) -> list[float]:
     return [entry[key] for entry in log_history(output_dir) if key in entry and "train_runtime" not in entry]
 
 
-def test_tensor_parallel_sft_trains_like_one_process(runs):
-    one, tensor_parallel, printed = runs
-    sharding = re.findall(r"Tensor parallel on CPU: tp_size (\d+), (\d+)/(\d+) parameters are DTensors", printed)
-    assert len(sharding) == 2 and all(size == "2" and int(sharded) > 0 for size, sharded, _ in sharding), sharding
+def _assert_steps_equal(one, tensor_parallel):
     for key in ("loss", "grad_norm"):
         reference = _step_values(one, key)
         assert len(reference) == 5, key
         assert _step_values(tensor_parallel, key) == pytest.approx(reference, rel=1e-5), key
 
 
-def test_tensor_parallel_sft_routing_metrics_equal(runs):
-    one, tensor_parallel, _ = runs
+def _assert_routing_metrics_equal(one, tensor_parallel, moved: float):
     history = json.loads((tensor_parallel / "routing_report.json").read_text())["history"]
     reference = json.loads((one / "routing_report.json").read_text())["history"]
     assert [entry["step"] for entry in history] == [entry["step"] for entry in reference] == MONITORED_STEPS
-    assert reference[-1]["metrics"]["routing/kl_from_initial"] > 1e-6, "routing did not move"
+    assert reference[-1]["metrics"]["routing/kl_from_initial"] > moved, "routing did not move"
     for measured, expected in zip(history, reference):
         keys = sorted(key for key in expected["metrics"] if key.startswith("routing/"))
         assert keys == sorted(measured["metrics"]), expected["step"]
@@ -80,6 +91,18 @@ def test_tensor_parallel_sft_routing_metrics_equal(runs):
             assert measured["metrics"][key] == pytest.approx(expected["metrics"][key], rel=1e-5, abs=1e-9), (
                 f"step {expected['step']}: {key}"
             )
+
+
+def test_tensor_parallel_sft_trains_like_one_process(runs):
+    one, tensor_parallel, printed = runs
+    sharding = re.findall(r"Tensor parallel on CPU: tp_size (\d+), (\d+)/(\d+) parameters are DTensors", printed)
+    assert len(sharding) == 2 and all(size == "2" and int(sharded) > 0 for size, sharded, _ in sharding), sharding
+    _assert_steps_equal(one, tensor_parallel)
+
+
+def test_tensor_parallel_sft_routing_metrics_equal(runs):
+    one, tensor_parallel, _ = runs
+    _assert_routing_metrics_equal(one, tensor_parallel, moved=1e-6)
 
 
 def _weights(directory) -> dict:
@@ -99,14 +122,42 @@ def test_tensor_parallel_sft_saves_the_model(runs):
     assert all(tensor.dtype == torch.float32 for key, tensor in weights.items() if ".router." in key)
 
 
-def test_lora_with_tensor_parallelism_is_refused_in_one_line(workspace):
-    # PEFT deep-copies the routers it trains (modules_to_save); a router with a sharded α does not survive the copy
-    output_dir = workspace.root / "tp_lora"
-    command = tensor_parallel_command(workspace, "polyglu_lora.yaml", output_dir, "--dtype", "float32", "--max_steps", "1")
+def test_tensor_parallel_lora_trains_like_one_process(lora_runs):
+    _assert_steps_equal(*lora_runs)
+
+
+def test_tensor_parallel_lora_routing_metrics_equal(lora_runs):
+    # a 5-step LoRA run at lr 2e-4 moves the routing little (KL ~1e-8), so the routers' tensors are checked below
+    _assert_routing_metrics_equal(*lora_runs, moved=1e-9)
+
+
+def test_tensor_parallel_lora_saves_the_adapter_of_one_process(lora_runs, workspace):
+    one, tensor_parallel = lora_runs
+    adapter, reference = (load_file(str(path / "adapter_model.safetensors")) for path in (tensor_parallel, one))
+    assert sorted(adapter) == sorted(reference)
+    assert any(".lora_A." in key for key in reference) and any(".router.alpha" in key for key in reference)
+    base = _weights(workspace.model)
+    for key, tensor in reference.items():
+        assert adapter[key].dtype == tensor.dtype and adapter[key].shape == tensor.shape, key
+        torch.testing.assert_close(adapter[key], tensor, rtol=1e-5, atol=1e-6, msg=key)
+        if ".router." in key:  # trained in full, through PEFT's copies of the routers
+            initial = base[key.removeprefix("base_model.model.")]
+            assert (tensor - initial).abs().max() > 1e-4, f"{key} did not train"
+    configs = [json.loads((path / "adapter_config.json").read_text()) for path in (tensor_parallel, one)]
+    for config in configs:  # a set, saved in no particular order
+        config["target_modules"] = sorted(config["target_modules"])
+    assert configs[0] == configs[1]
+
+
+def test_dora_with_tensor_parallelism_is_refused_in_one_line(workspace):
+    # PEFT takes DoRA's weight norms of the sharded weight plus a local LoRA product, which DTensor cannot add
+    output_dir = workspace.root / "tp_dora"
+    command = tensor_parallel_command(workspace, LORA_RECIPE, output_dir, "--dtype", "float32", "--max_steps", "1",
+                                      "--use_dora", "true")
     result = subprocess.run(command, cwd=REPO, env=child_environment(output_dir), capture_output=True, text=True,
                             timeout=LAUNCH_TIMEOUT)
     printed = result.stdout + result.stderr
     assert result.returncode != 0
-    assert printed.count("polyglu sft: error: LoRA (--use_peft) does not work with a tensor-parallel model") == 2
+    assert printed.count("polyglu sft: error: --use_dora does not work with a tensor-parallel model") == 2
     assert "[rank0]: Traceback" not in printed and "[rank1]: Traceback" not in printed
     assert not (output_dir / "adapter_model.safetensors").exists()
