@@ -323,6 +323,9 @@ def main(argv=None) -> int:
     if training_args.process_index == 0:
         print(f"Saved the pretrained {summary['ffn_type']} model ({summary['num_parameters']:,} parameters) to "
               f"{training_args.output_dir}; final eval loss {summary['final_eval_loss']:.4f}")
+    from .engines import close_process_group
+
+    close_process_group()  # a gloo group left to interpreter exit can abort the process (see engines.py)
     return 0
 
 
