@@ -15,8 +15,8 @@ Against one process (fp32; relative 1e-5):
   [test_tensor_parallel_sft_routing_metrics_equal]
 - the saved model: the same tensors (gathered from the shards), routers fp32 [test_tensor_parallel_sft_saves_the_model]
 
-LoRA (recipes/polyglu_lora.yaml in fp32, its LoRA dropout 0.05 on, the same 5 steps x 2 micro-batches) against LoRA on
-one process, relative 1e-5: losses and grad norms of every step, every routing metric, and every adapter tensor — the
+LoRA (recipes/polyglu_lora.yaml in fp32, its LoRA dropout 0.05 on, the same 5 steps x 2 micro-batches; polyglu, whose α
+is sharded, and moa, whose router is replicated) against LoRA on one process, relative 1e-5: losses and grad norms of every step, every routing metric, and every adapter tensor — the
 LoRA matrices gathered from the shards and the routers trained in full, which moved [test_tensor_parallel_lora_*].
 DoRA with a tensor-parallel model is refused on every rank in one line
 [test_dora_with_tensor_parallelism_is_refused_in_one_line].
@@ -26,6 +26,7 @@ import json
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -42,6 +43,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 OVERRIDES = (*RUN_OVERRIDES, "--gradient_accumulation_steps", "2", "--save_only_model", "true", "--report_to", "none")
 SHIM = REPO / "tests" / "training" / "tensor_parallel_on_cpu.py"
 LORA_RECIPE = "polyglu_lora.yaml"
+LORA_FFN_TYPES = ("polyglu", "moa")
 
 
 def tensor_parallel_command(workspace, recipe: str, output_dir, *overrides: str) -> list[str]:
@@ -59,9 +61,23 @@ def runs(workspace):
     return one, tensor_parallel, result.stdout + result.stderr
 
 
+@pytest.fixture(scope="module", params=LORA_FFN_TYPES)
+def lora_model(request, workspace):
+    """(ffn_type, the workspace with that model): polyglu's α is sharded on d_ff, moa's router is replicated."""
+    if request.param == "polyglu":
+        return request.param, workspace
+    from modeling_polyglu.conversion.qwen3 import convert_qwen3
+
+    model = workspace.root / f"tp_lora_{request.param}_model"
+    if not model.exists():
+        convert_qwen3(str(workspace.root / "qwen3"), str(model), request.param, verify=False, log=lambda *args: None)
+    return request.param, SimpleNamespace(**{**vars(workspace), "model": model})
+
+
 @pytest.fixture(scope="module")
-def lora_runs(workspace):
-    one, tensor_parallel = workspace.root / "tp_lora_reference_one_process", workspace.root / "tp_lora"
+def lora_runs(lora_model):
+    ffn_type, workspace = lora_model
+    one, tensor_parallel = (workspace.root / f"tp_lora_{ffn_type}_{name}" for name in ("one_process", "run"))
     overrides = (*OVERRIDES, "--dtype", "float32")
     run_checked([sys.executable, "-m", "modeling_polyglu.cli", "sft", *sft_arguments(workspace, LORA_RECIPE, one, *overrides)], one)
     run_checked(tensor_parallel_command(workspace, LORA_RECIPE, tensor_parallel, *overrides), tensor_parallel)
@@ -131,11 +147,12 @@ def test_tensor_parallel_lora_routing_metrics_equal(lora_runs):
     _assert_routing_metrics_equal(*lora_runs, moved=1e-9)
 
 
-def test_tensor_parallel_lora_saves_the_adapter_of_one_process(lora_runs, workspace):
+def test_tensor_parallel_lora_saves_the_adapter_of_one_process(lora_runs, lora_model):
     one, tensor_parallel = lora_runs
+    _, workspace = lora_model
     adapter, reference = (load_file(str(path / "adapter_model.safetensors")) for path in (tensor_parallel, one))
     assert sorted(adapter) == sorted(reference)
-    assert any(".lora_A." in key for key in reference) and any(".router.alpha" in key for key in reference)
+    assert any(".lora_A." in key for key in reference) and any(".router." in key for key in reference)
     base = _weights(workspace.model)
     for key, tensor in reference.items():
         assert adapter[key].dtype == tensor.dtype and adapter[key].shape == tensor.shape, key
