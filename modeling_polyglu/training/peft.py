@@ -6,7 +6,8 @@ the point of these models, so each layer's `mlp.router` submodule is trained ful
 
 The adapter's starting point depends on the seed and the parameter names only (draw_lora_weights_by_name), so one
 process, data-parallel ranks and tensor-parallel ranks all start from the same weights. Tensor parallelism needs
-two mends around PEFT, before and after it wraps the model (prepare_/finish_tensor_parallel_lora).
+mends around PEFT 0.21, before and after it wraps the model (prepare_/finish_tensor_parallel_lora); without them
+LoRA under transformers' tensor parallelism fails for Qwen3 itself.
 """
 
 import math
@@ -110,7 +111,7 @@ class SliceDropout(torch.nn.Module):
 
 
 def finish_tensor_parallel_lora(peft_model) -> None:
-    """After PEFT wrapped a tensor-parallel model, two things it leaves for the ranks to get wrong:
+    """After PEFT wrapped a tensor-parallel model, three things it leaves for the ranks to get wrong:
 
     * a LoRA matrix beside a sharded projection (lora_B of a colwise, lora_A of a rowwise one) is a DTensor of the
       global shape but keeps the per-rank in/out_features PEFT built it with; transformers' rowwise forward reads
