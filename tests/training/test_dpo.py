@@ -1,0 +1,115 @@
+"""Preference tuning with TRL's DPOTrainer on a PolyGLU model, as a user runs it (no polyglu command in between).
+
+The policy is a converted tiny PolyGLU model (unbiased routers, so routing can move) passed as an instance; TRL builds
+the reference model itself from the policy's path, which works once `modeling_polyglu` is imported (the Auto classes
+are registered) or with `trust_remote_code=True` in DPOConfig.model_init_kwargs. The preference: the right sum over the
+sum plus one. fp32 on the CPU (bf16=False: TRL defaults to bf16 autocast), 6 steps of 8 pairs.
+
+- with routing noise off, the policy equals the reference at step 0, so the first loss is ln 2 (1e-6); the loss then
+  falls and the chosen answers' reward margin grows [test_dpo_starts_at_ln2_and_learns_the_preference]
+- the routers train (α and the router MLP move), stay fp32, and the saved model reloads with remote code to the
+  trained logits [test_dpo_trains_the_routers_and_saves_a_loadable_model]
+- with PolyGLU's Gumbel noise on (the training default) the policy's log-probabilities are noisy against the
+  reference's (TRL evaluates the reference without noise), so the step-0 loss is not ln 2: the README's advice to
+  turn the noise off for DPO, as TRL turns dropout off [test_routing_noise_makes_the_step0_policy_differ_from_the_reference]
+"""
+
+import math
+
+import pytest
+import torch
+
+import modeling_polyglu  # noqa: F401  (registers the Auto classes: TRL loads the reference model by path)
+from modeling_polyglu.char_tokenizer import build_chat_tokenizer
+from modeling_polyglu.conversion.qwen3 import convert_qwen3
+
+from ..utils import tiny_chat_qwen3
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+STEPS = 6
+
+
+def preference_rows(count: int) -> list[dict]:
+    rows = []
+    for index in range(count):
+        a, b = index % 10, (3 * index) % 10
+        rows.append({
+            "prompt": [{"role": "user", "content": f"what is {a}+{b}?"}],
+            "chosen": [{"role": "assistant", "content": str(a + b)}],
+            "rejected": [{"role": "assistant", "content": str(a + b + 1)}],
+        })
+    return rows
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo")
+    tokenizer = build_chat_tokenizer(["0123456789+=? whatis"])
+    qwen3 = tiny_chat_qwen3(tokenizer)
+    qwen3.save_pretrained(root / "qwen3")
+    tokenizer.save_pretrained(root / "qwen3")
+    convert_qwen3(root / "qwen3", root / "polyglu", "polyglu", router_init_activation=None, verify=False, log=lambda *a: None)
+    return root / "polyglu"
+
+
+def train_dpo(path, output_dir, routing_noise: str, steps: int = STEPS):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    policy.config.routing_noise = routing_noise
+    arguments = DPOConfig(
+        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=8, learning_rate=3e-3,
+        use_cpu=True, bf16=False, report_to="none", logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
+    )
+    trainer = DPOTrainer(
+        model=policy, args=arguments, train_dataset=datasets.Dataset.from_list(preference_rows(48)),
+        processing_class=AutoTokenizer.from_pretrained(path),
+    )
+    trainer.train()
+    return trainer
+
+
+def step_values(trainer, key: str) -> list[float]:
+    return [entry[key] for entry in trainer.state.log_history if key in entry and "train_runtime" not in entry]
+
+
+@pytest.fixture(scope="module")
+def noiseless(converted, tmp_path_factory):
+    return train_dpo(converted, tmp_path_factory.mktemp("dpo_run"), routing_noise="none")
+
+
+def test_dpo_starts_at_ln2_and_learns_the_preference(noiseless):
+    losses, margins = step_values(noiseless, "loss"), step_values(noiseless, "rewards/margins")
+    assert len(losses) == STEPS
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert losses[-1] < math.log(2) - 0.05, losses
+    assert margins[-1] > margins[0] + 0.1, margins
+
+
+def test_dpo_trains_the_routers_and_saves_a_loadable_model(noiseless, converted, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    trained = noiseless.model
+    start = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+    for name, parameter in trained.named_parameters():
+        if ".router." in name:
+            assert parameter.dtype == torch.float32, name
+            assert (parameter.detach() - start.get_parameter(name)).abs().max() > 1e-4, f"{name} did not train"
+    noiseless.save_model(str(tmp_path / "saved"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=True, dtype=torch.float32)
+    ids = torch.tensor([[3, 9, 12, 15, 4, 7, 20, 5]])
+    trained.eval()
+    with torch.no_grad():
+        expected, got = trained(ids).logits, reloaded(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (expected - start(ids).logits).abs().max() > 1e-3, "training did not change the model"
+
+
+def test_routing_noise_makes_the_step0_policy_differ_from_the_reference(converted, tmp_path):
+    noisy = train_dpo(converted, tmp_path / "noisy", routing_noise="gumbel", steps=1)
+    assert abs(step_values(noisy, "loss")[0] - math.log(2)) > 1e-6
