@@ -60,6 +60,19 @@ def tiny_chat_qwen3(tokenizer, seed: int = 0) -> Qwen3ForCausalLM:
     ))
 
 
+def write_converted_chat_models(root, ffn_types) -> None:
+    """root/qwen3 (tiny_chat_qwen3 with a character chat tokenizer) and root/<ffn_type> converted from it with
+    unbiased routers (router_init_activation None), so that training can move the routing."""
+    from modeling_polyglu.char_tokenizer import build_chat_tokenizer
+    from modeling_polyglu.conversion.qwen3 import convert_qwen3
+
+    tokenizer = build_chat_tokenizer(["0123456789+=? whatis"])
+    tiny_chat_qwen3(tokenizer).save_pretrained(root / "qwen3")
+    tokenizer.save_pretrained(root / "qwen3")
+    for ffn_type in ffn_types:
+        convert_qwen3(root / "qwen3", root / ffn_type, ffn_type, router_init_activation=None, verify=False, log=lambda *a: None)
+
+
 def write_addition_dialogues(path, count: int, seed: int = 0) -> None:
     """`count` one-turn chats "what is a+b?" → "a+b" (a, b ≤ 20) as JSONL `messages` rows."""
     rng = random.Random(seed)

@@ -20,10 +20,8 @@ import pytest
 import torch
 
 import modeling_polyglu  # noqa: F401  (registers the Auto classes: TRL loads the reference model by path)
-from modeling_polyglu.char_tokenizer import build_chat_tokenizer
-from modeling_polyglu.conversion.qwen3 import convert_qwen3
 
-from ..utils import tiny_chat_qwen3
+from ..utils import write_converted_chat_models
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -48,11 +46,7 @@ def preference_rows(count: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo")
-    tokenizer = build_chat_tokenizer(["0123456789+=? whatis"])
-    qwen3 = tiny_chat_qwen3(tokenizer)
-    qwen3.save_pretrained(root / "qwen3")
-    tokenizer.save_pretrained(root / "qwen3")
-    convert_qwen3(root / "qwen3", root / "polyglu", "polyglu", router_init_activation=None, verify=False, log=lambda *a: None)
+    write_converted_chat_models(root, ("polyglu",))
     return root / "polyglu"
 
 

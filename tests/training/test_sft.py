@@ -9,28 +9,21 @@ import pytest
 import torch
 
 from modeling_polyglu import PolyGLUForCausalLM
-from modeling_polyglu.char_tokenizer import build_chat_tokenizer
 from modeling_polyglu.cli import main
-from modeling_polyglu.conversion.qwen3 import convert_qwen3
 from modeling_polyglu.training.callbacks import RoutingArguments, tau_at
 from modeling_polyglu.training.routing_stats import routing_alerts
 from modeling_polyglu.training.safeguards import TrainingStoppedOnAlert
 from modeling_polyglu.training.sft import build_parser, run_sft
 from modeling_polyglu.training.trainer import PolyGLUSFTTrainer
 
-from ..utils import tiny_chat_qwen3, write_addition_dialogues
+from ..utils import write_addition_dialogues, write_converted_chat_models
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A converted tiny PolyGLU model (routers unbiased, so routing can move) and a chat dataset."""
     root = tmp_path_factory.mktemp("sft")
-    tokenizer = build_chat_tokenizer(["0123456789+=? whatis"])
-    qwen3 = tiny_chat_qwen3(tokenizer)
-    qwen3.save_pretrained(root / "qwen3")
-    tokenizer.save_pretrained(root / "qwen3")
-    for ffn_type in ("polyglu", "moa"):
-        convert_qwen3(root / "qwen3", root / ffn_type, ffn_type, router_init_activation=None, verify=False, log=lambda *a: None)
+    write_converted_chat_models(root, ("polyglu", "moa"))
     write_addition_dialogues(root / "data.jsonl", 96)
     return root
 
