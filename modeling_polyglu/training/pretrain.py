@@ -247,6 +247,9 @@ def run_pretrain(arguments: PretrainArguments, training_args, routing_args, mode
     from .callbacks import add_routing_callbacks, remove_console_printers
     from .pretrain_data import PackedRowStream, document_token_ids, held_out_rows, load_documents
 
+    from .safeguards import reject_bf16_mode_beside_deepspeed_autocast
+
+    reject_bf16_mode_beside_deepspeed_autocast(training_args)
     settings = training_settings(training_args)  # as given, before max_steps is resolved
     tokenizer = load_tokenizer(arguments.tokenizer)
     config = build_config(arguments, tokenizer) if model is None else model.config

@@ -104,6 +104,21 @@ def reject_zero_max_steps(max_steps: int) -> None:
         )
 
 
+def reject_bf16_mode_beside_deepspeed_autocast(training_args) -> None:
+    """DeepSpeed runs its own bf16 mode (every weight cast to bf16) when asked for bf16 next to a config that enables
+    torch_autocast, and silently so; the autocast recipes exist to keep the weights fp32."""
+    plugin = getattr(training_args, "deepspeed_plugin", None)
+    config = getattr(plugin, "deepspeed_config", None) or {}
+    autocast = config.get("torch_autocast") or {}
+    if autocast.get("enabled") is True and (training_args.bf16 or training_args.fp16):
+        flag = "--bf16" if training_args.bf16 else "--fp16"
+        raise ValueError(
+            f"{flag} true next to a DeepSpeed config that enables torch_autocast makes DeepSpeed cast every weight, "
+            f"routers included, to {autocast.get('dtype', 'bfloat16')}; pass {flag} false (torch_autocast already "
+            "computes in low precision with fp32 weights)."
+        )
+
+
 def reject_dora_with_tensor_parallelism(use_dora: bool, tensor_parallel: bool) -> None:
     """PEFT computes DoRA's weight norms from the sharded weight and its local LoRA product, which it cannot add."""
     if use_dora and tensor_parallel:

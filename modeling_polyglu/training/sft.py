@@ -138,6 +138,7 @@ def run_sft(script_args, training_args, model_args, routing_args, quiet: bool = 
     from .trainer import PolyGLUSFTTrainer
 
     safeguards.reject_zero_max_steps(training_args.max_steps)
+    safeguards.reject_bf16_mode_beside_deepspeed_autocast(training_args)
     from .saving import source_layout
 
     source_weights = source_layout(model_args.model_name_or_path)  # dtype and shard size to save in, read before training

@@ -129,6 +129,16 @@ def launch_two_ranks(
     return run_checked(command, output_dir)
 
 
+def saved_weights(directory: Path) -> dict:
+    """Every tensor of a saved model directory's model*.safetensors files."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in sorted(directory.glob("model*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
 def log_history(output_dir: Path) -> list[dict]:
     state = output_dir / f"checkpoint-{MAX_STEPS}" / "trainer_state.json"
     assert state.is_file(), f"no {state}"

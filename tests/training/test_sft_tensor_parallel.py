@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 
 from .distributed_runs import (
     LAUNCH_TIMEOUT, MONITORED_STEPS, RECIPE, REPO, RUN_OVERRIDES, child_environment, free_port, log_history, run_checked,
-    sft_arguments,
+    saved_weights, sft_arguments,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -121,16 +121,9 @@ def test_tensor_parallel_sft_routing_metrics_equal(runs):
     _assert_routing_metrics_equal(one, tensor_parallel, moved=1e-6)
 
 
-def _weights(directory) -> dict:
-    tensors = {}
-    for path in sorted(directory.glob("model*.safetensors")):
-        tensors.update(load_file(str(path)))
-    return tensors
-
-
 def test_tensor_parallel_sft_saves_the_model(runs):
     one, tensor_parallel, _ = runs
-    weights, reference = _weights(tensor_parallel), _weights(one)
+    weights, reference = saved_weights(tensor_parallel), saved_weights(one)
     assert sorted(weights) == sorted(reference)
     for key, tensor in reference.items():
         assert weights[key].dtype == tensor.dtype and weights[key].shape == tensor.shape, key
@@ -153,7 +146,7 @@ def test_tensor_parallel_lora_saves_the_adapter_of_one_process(lora_runs, lora_m
     adapter, reference = (load_file(str(path / "adapter_model.safetensors")) for path in (tensor_parallel, one))
     assert sorted(adapter) == sorted(reference)
     assert any(".lora_A." in key for key in reference) and any(".router." in key for key in reference)
-    base = _weights(workspace.model)
+    base = saved_weights(workspace.model)
     for key, tensor in reference.items():
         assert adapter[key].dtype == tensor.dtype and adapter[key].shape == tensor.shape, key
         torch.testing.assert_close(adapter[key], tensor, rtol=1e-5, atol=1e-6, msg=key)
