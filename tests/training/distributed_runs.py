@@ -129,6 +129,17 @@ def launch_two_ranks(
     return run_checked(command, output_dir)
 
 
+def assert_refused_on_both_ranks(command: list[str], output_dir: Path, message: str) -> None:
+    """A two-rank launch fails, each rank printing `message` as one error line and neither a traceback."""
+    result = subprocess.run(
+        command, cwd=REPO, env=child_environment(output_dir), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT
+    )
+    printed = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert printed.count(message) == 2, printed[-3000:]
+    assert "[rank0]: Traceback" not in printed and "[rank1]: Traceback" not in printed
+
+
 def saved_weights(directory: Path) -> dict:
     """Every tensor of a saved model directory's model*.safetensors files."""
     from safetensors.torch import load_file

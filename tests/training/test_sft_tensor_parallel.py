@@ -24,7 +24,6 @@ DoRA with a tensor-parallel model is refused on every rank in one line
 
 import json
 import re
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -33,7 +32,7 @@ import torch
 from safetensors.torch import load_file
 
 from .distributed_runs import (
-    LAUNCH_TIMEOUT, MONITORED_STEPS, RECIPE, REPO, RUN_OVERRIDES, child_environment, free_port, log_history, run_checked,
+    MONITORED_STEPS, RECIPE, REPO, RUN_OVERRIDES, assert_refused_on_both_ranks, free_port, log_history, run_checked,
     saved_weights, sft_arguments,
 )
 
@@ -164,10 +163,5 @@ def test_dora_with_tensor_parallelism_is_refused_in_one_line(workspace):
     output_dir = workspace.root / "tp_dora"
     command = tensor_parallel_command(workspace, LORA_RECIPE, output_dir, "--dtype", "float32", "--max_steps", "1",
                                       "--use_dora", "true")
-    result = subprocess.run(command, cwd=REPO, env=child_environment(output_dir), capture_output=True, text=True,
-                            timeout=LAUNCH_TIMEOUT)
-    printed = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert printed.count("polyglu sft: error: --use_dora does not work with a tensor-parallel model") == 2
-    assert "[rank0]: Traceback" not in printed and "[rank1]: Traceback" not in printed
+    assert_refused_on_both_ranks(command, output_dir, "polyglu sft: error: --use_dora does not work with a tensor-parallel model")
     assert not (output_dir / "adapter_model.safetensors").exists()
