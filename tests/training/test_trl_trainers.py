@@ -1,4 +1,4 @@
-"""Preference tuning with TRL's DPOTrainer on a PolyGLU model, as a user runs it (no polyglu command in between).
+"""TRL's DPOTrainer and GRPOTrainer on a PolyGLU model, as a user runs them (no polyglu command in between).
 
 The policy is a converted tiny PolyGLU model (unbiased routers, so routing can move) passed as an instance; TRL builds
 the reference model itself from the policy's path, which works once `modeling_polyglu` is imported (the Auto classes
@@ -12,6 +12,10 @@ sum plus one. fp32 on the CPU (bf16=False: TRL defaults to bf16 autocast), 6 ste
 - with PolyGLU's Gumbel noise on (the training default) the policy's log-probabilities are noisy against the
   reference's (TRL evaluates the reference without noise), so the step-0 loss is not ln 2: the README's advice to
   turn the noise off for DPO, as TRL turns dropout off [test_routing_noise_makes_the_step0_policy_differ_from_the_reference]
+- GRPO (2 steps, 4 completions of up to 6 tokens per prompt, sampled by generate() with the routing cache inside the
+  training loop; the reward is the share of digits, which the samples differ in): finite losses, rewards that vary
+  within a group, the routers train
+  [test_grpo_generates_and_trains_the_routers]
 """
 
 import math
@@ -107,3 +111,36 @@ def test_dpo_trains_the_routers_and_saves_a_loadable_model(noiseless, converted,
 def test_routing_noise_makes_the_step0_policy_differ_from_the_reference(converted, tmp_path):
     noisy = train_dpo(converted, tmp_path / "noisy", routing_noise="gumbel", steps=1)
     assert abs(step_values(noisy, "loss")[0] - math.log(2)) > 1e-6
+
+
+def test_grpo_generates_and_trains_the_routers(converted, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    policy = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+    policy.config.routing_noise = "none"
+    start = {name: parameter.detach().clone() for name, parameter in policy.named_parameters() if ".router." in name}
+    rows = [{"prompt": row["prompt"], "answer": row["chosen"][0]["content"]} for row in preference_rows(16)]
+
+    def digits(completions, **_):
+        # a reward the random model's samples differ in (the right sum alone would be 0 for all of them, and GRPO's
+        # group-normalised advantages with it)
+        return [sum(char.isdigit() for char in text) / max(len(text), 1) for text in (c[0]["content"] for c in completions)]
+
+    arguments = GRPOConfig(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, num_generations=4,
+        max_completion_length=6, learning_rate=3e-3, use_cpu=True, bf16=False, report_to="none", logging_steps=1,
+        save_strategy="no", seed=0, disable_tqdm=True,
+    )
+    trainer = GRPOTrainer(
+        model=policy, args=arguments, train_dataset=datasets.Dataset.from_list(rows), reward_funcs=digits,
+        processing_class=AutoTokenizer.from_pretrained(converted),
+    )
+    trainer.train()
+    losses = step_values(trainer, "loss")
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert len(step_values(trainer, "reward")) == 2 and max(step_values(trainer, "reward_std")) > 0
+    for name, parameter in trainer.model.named_parameters():
+        if name in start:
+            assert parameter.dtype == torch.float32, name
+            assert (parameter.detach() - start[name]).abs().max() > 1e-5, f"{name} did not train"
