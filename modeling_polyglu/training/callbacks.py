@@ -26,7 +26,9 @@ from transformers import TrainerCallback
 
 
 from .reports import write_routing_report
-from .routing_stats import RoutingProbe, concatenate_snapshot, probe_batches, routing_alerts, unwrap_polyglu_model
+from .routing_stats import (
+    RoutingProbe, concatenate_snapshot, probe_batches, routing_alerts, tensor_parallel_size, unwrap_polyglu_model,
+)
 
 # The probe's default token budget: its forwards (≈ 1/3 of a training step's cost per token; LoRA's backward is
 # cheaper, so count 1/2) should take PROBE_COST_SHARE of the run, leaving room for the statistics themselves.
@@ -113,7 +115,7 @@ def data_parallel_layout(args, model) -> tuple[int, int]:
     computes the routing of its own slice of d_ff; transformers lays the tensor-parallel dimension innermost, so a
     group is `tp_size` consecutive ranks.
     """
-    tensor_parallel = getattr(unwrap_polyglu_model(model), "tp_size", None) or 1
+    tensor_parallel = tensor_parallel_size(unwrap_polyglu_model(model))
     return args.world_size // tensor_parallel, args.process_index // tensor_parallel
 
 

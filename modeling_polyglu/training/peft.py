@@ -58,7 +58,9 @@ def lora_config_for(
 
 
 def is_tensor_parallel(model) -> bool:
-    return (getattr(model, "tp_size", None) or 1) > 1
+    from .routing_stats import tensor_parallel_size
+
+    return tensor_parallel_size(model) > 1
 
 
 def prepare_tensor_parallel_lora(model, modules_to_save: Sequence[str]) -> None:

@@ -246,7 +246,6 @@ def run_pretrain(arguments: PretrainArguments, training_args, routing_args, mode
     from ..conversion.model_card import write_model_card
     from .callbacks import add_routing_callbacks, remove_console_printers
     from .pretrain_data import PackedRowStream, document_token_ids, held_out_rows, load_documents
-
     from .safeguards import reject_bf16_mode_beside_deepspeed_autocast
 
     reject_bf16_mode_beside_deepspeed_autocast(training_args)

@@ -77,6 +77,11 @@ def unwrap_polyglu_model(model):
     raise ValueError(f"{type(model).__name__} is not a PolyGLU-family model (config.model_type must be 'polyglu').")
 
 
+def tensor_parallel_size(model) -> int:
+    """Ranks in `model`'s tensor-parallel group (transformers' `tp_size`; 1 without tensor parallelism)."""
+    return getattr(model, "tp_size", None) or 1
+
+
 def tensor_parallel_copies(base) -> list[int]:
     """Per layer, how many ranks of the tensor-parallel group measure the same routing weights (1 without TP).
 
@@ -84,7 +89,7 @@ def tensor_parallel_copies(base) -> list[int]:
     router's weights are the same on every rank of the group, so its counts are summed `tp_size` times. Shares and
     means are ratios of two such sums and need no correction; absolute counts (NaN/inf) are divided by this.
     """
-    tensor_parallel = getattr(base, "tp_size", None) or 1
+    tensor_parallel = tensor_parallel_size(base)
     copies = []
     for layer in base.model.layers:
         alpha = getattr(getattr(layer.mlp, "router", None), "alpha", None)
