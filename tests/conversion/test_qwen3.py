@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -208,24 +207,39 @@ def test_existing_destination_needs_overwrite(qwen3_dir, tmp_path, capsys):
     assert not (destination / "keep.txt").exists() and json.loads((destination / "config.json").read_text())["ffn_type"] == "la"
 
 
+# `polyglu ...` (after the signal number) that sends itself the signal while it writes its third safetensors file
+_SIGNALLED_AT_THIRD_SHARD = """
+import os, sys
+import safetensors.torch
+
+original_save_file = safetensors.torch.save_file
+written = []
+
+def save_file(*args, **kwargs):
+    original_save_file(*args, **kwargs)
+    written.append(args[1])
+    if len(written) == 3:
+        print("signalled while writing shard 3", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), int(sys.argv[1]))
+
+safetensors.torch.save_file = save_file
+from modeling_polyglu.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_interrupted_conversion_leaves_nothing_behind(tmp_path, sig):
     source = tmp_path / "src"
     save_qwen3(source, shard="40KB", hidden_size=128, intermediate_size=512, num_hidden_layers=6)
     destination = tmp_path / "dst"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "modeling_polyglu.cli", "convert", "qwen3", "--src", str(source), "--dst",
-         str(destination), "--ffn-type", "polyglu"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    # the signal is raised as the third shard is written: polling the staging folder from outside could miss it
+    process = subprocess.run(
+        [sys.executable, "-c", _SIGNALLED_AT_THIRD_SHARD, str(int(sig)), "convert", "qwen3", "--src", str(source),
+         "--dst", str(destination), "--ffn-type", "polyglu"],
+        capture_output=True, text=True, timeout=120,
     )
-    deadline = time.time() + 60
-    staged = []
-    while time.time() < deadline and process.poll() is None and not staged:
-        staged = [path for path in tmp_path.glob(".tmp-dst-*") if any(path.glob("*.safetensors"))]
-        time.sleep(0.005)
-    assert staged, "the conversion finished before it could be interrupted"
-    process.send_signal(sig)
-    process.wait(timeout=60)
+    assert "signalled while writing shard 3" in process.stderr, process.stderr[-3000:]
     assert process.returncode != 0
     assert not destination.exists()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["src"]
