@@ -589,7 +589,7 @@ def _tensor_parallel_styles() -> dict:
         return {}
 
     class RouterTensorParallel(TensorParallelLayer):
-        def install_forward(self, module, mesh):
+        def install_forward(self, module, mesh, **options):  # 5.25 passes config= and mesh_manager=
             original_forward = module.forward
             group = mesh.get_group()
 
@@ -610,7 +610,7 @@ def _tensor_parallel_styles() -> dict:
             return module
 
     class ReplicatedSummedGradients(TensorParallelLayer):
-        def install_forward(self, module, mesh):
+        def install_forward(self, module, mesh, **options):
             original_forward = module.forward
             group = mesh.get_group()
 

@@ -91,17 +91,32 @@ class RoutersSavedInFp32Mixin:
         return super()._save(output_dir, state_dict=without_tied_copies(self.model, state_dict))
 
 
-def close_process_group() -> None:
-    """Tear torch.distributed down before the interpreter exits (after a barrier, so no rank still talks to the store).
+# How long the main thread leaves the GIL to gloo's worker threads before the interpreter finalizes (see below)
+GLOO_WORKERS_SETTLE_SECONDS = 0.25
 
-    A gloo process group left to interpreter shutdown is destroyed by static destructors while its threads may still
-    be joinable; std::terminate then aborts the process ("terminate called without an active exception", SIGABRT)
-    and the launcher exits 1 — seen in about 1 of 10 two-rank runs after training and saving had finished, and in a
-    6-line gloo script without destroy_process_group. Launchers that own the group (Ray Train) only destroy it if it
-    is still initialised, so closing it here is safe for them.
+
+def close_process_group() -> None:
+    """Tear torch.distributed down before the interpreter exits, so that no gloo worker thread needs Python after.
+
+    Two ways a rank aborted at exit after training and saving had finished ("terminate called without an active
+    exception", SIGABRT, the launcher exits 1):
+    - A group left to interpreter shutdown: its threads are still joinable when static destructors run (seen in about
+      1 of 10 two-rank runs, and in a 6-line gloo script). destroy_process_group joins the threads of every group
+      nothing else references.
+    - Groups that DeepSpeed or accelerate still reference survive destroy_process_group with their worker threads.
+      A worker that drops the last reference to a finished collective whose tensors Python already freed must take
+      the GIL to free them. Python 3.11 exits a thread that takes the GIL during finalization, and the forced unwind
+      through gloo's destructor calls std::terminate (seen in a core dump: ProcessGroupGloo::runLoop destroying an
+      AsyncBarrierWork -> AsyncAllgatherWork while the main thread was in Py_FinalizeEx; about 1 in 7 ZeRO-3 runs on
+      a loaded 2-core machine). The barrier here is such a collective, so the main thread then sleeps, leaving the
+      GIL to the workers. They need it for microseconds, so the sleep makes this unlikely rather than impossible.
+    Launchers that own the group (Ray Train) only destroy it if it is still initialised, so closing it here is safe.
     """
+    import time
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        time.sleep(GLOO_WORKERS_SETTLE_SECONDS)
