@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
 # Usage: .ci/venv.sh NAME CONSTRAINTS_FILE REQUIREMENT...
-# Prints the python of a venv holding REQUIREMENT... pinned by CONSTRAINTS_FILE. The venv lives in
+# Prints the python of a venv holding REQUIREMENT... pinned by CONSTRAINTS_FILE (a REQUIREMENT may carry pip options,
+# e.g. "--no-deps transformers==X": each is split into words, never globbed). The venv lives in
 # ${POLYGLU_CI_CACHE:-~/.cache/polyglu-ci} under a key of its inputs, and is reused while they are unchanged; it is
 # built beside its final place and renamed when complete, so an interrupted build is never reused.
-set -euo pipefail
+# POLYGLU_VENV_OPTIONS (e.g. --system-site-packages) go to `python -m venv` and into the key.
+set -euo pipefail -o noglob
 name=$1 constraints=$2
 shift 2
 cache=${POLYGLU_CI_CACHE:-$HOME/.cache/polyglu-ci}
-key=$( { python --version; cat "$constraints"; echo "$@"; } 2>&1 | sha256sum | cut -c1-16)
+venv_options=${POLYGLU_VENV_OPTIONS:-}
+key=$( { python --version; cat "$constraints"; echo "$venv_options" "$@"; } 2>&1 | sha256sum | cut -c1-16)
 venv="$cache/venv-$name-$key"
 if [ ! -x "$venv/bin/python" ]; then
     mkdir -p "$cache"
     partial=$(mktemp -d "$cache/.partial-$name-XXXXXX")
-    python -m venv "$partial/venv" >&2
+    # shellcheck disable=SC2086
+    python -m venv $venv_options "$partial/venv" >&2
     "$partial/venv/bin/python" -m pip install --quiet --upgrade pip >&2
     for requirement in "$@"; do  # torch first, from the local file, so nothing pulls a CUDA build
-        "$partial/venv/bin/python" -m pip install --quiet -c "$constraints" "$requirement" >&2
+        # shellcheck disable=SC2086  # word splitting is wanted: a requirement may carry pip options
+        "$partial/venv/bin/python" -m pip install --quiet -c "$constraints" $requirement >&2
     done
     rm -rf "$venv"
     mv "$partial/venv" "$venv"

@@ -144,18 +144,18 @@ def fresh_version_warning(monkeypatch):
     monkeypatch.setattr(configuration_polyglu.transformers, "_polyglu_untested_version_warned", False, raising=False)
 
 
-@pytest.mark.parametrize("version", ["5.17.0", "5.20.1", "5.24.0", "5.24.3"])
+@pytest.mark.parametrize("version", ["5.17.0", "5.20.1", "5.24.0", "5.25.0", "5.25.3"])
 def test_no_warning_inside_the_tested_range(version, fresh_version_warning):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert configuration_polyglu.warn_if_untested_transformers(version) is False
 
 
-@pytest.mark.parametrize("version", ["5.16.2", "5.25.0.dev0", "6.0.0"])
+@pytest.mark.parametrize("version", ["5.16.2", "5.26.0.dev0", "6.0.0"])
 def test_one_warning_outside_the_tested_range(version, fresh_version_warning):
-    with pytest.warns(UserWarning, match=r"tested with transformers 5\.17 to 5\.24\.x") as caught:
+    with pytest.warns(UserWarning, match=r"tested with transformers 5\.17 to 5\.25\.x") as caught:
         assert configuration_polyglu.warn_if_untested_transformers(version) is True
-    assert version in str(caught[0].message) and "pip install 'transformers>=5.17,<5.25'" in str(caught[0].message)
+    assert version in str(caught[0].message) and "pip install 'transformers>=5.17,<5.26'" in str(caught[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert configuration_polyglu.warn_if_untested_transformers(version) is True  # once per process
