@@ -107,7 +107,7 @@ def close_process_group() -> None:
       A worker that drops the last reference to a finished collective whose tensors Python already freed must take
       the GIL to free them. Python 3.11 exits a thread that takes the GIL during finalization, and the forced unwind
       through gloo's destructor calls std::terminate (seen in a core dump: ProcessGroupGloo::runLoop destroying an
-      AsyncBarrierWork -> AsyncAllgatherWork while the main thread was in Py_FinalizeEx; about 1 in 7 ZeRO-3 runs on
+      AsyncBarrierWork -> AsyncAllgatherWork while the main thread was in Py_FinalizeEx; 3 of 40 ZeRO-3 runs on
       a loaded 2-core machine). The barrier here is such a collective, so the main thread then sleeps, leaving the
       GIL to the workers. They need it for microseconds, so the sleep makes this unlikely rather than impossible.
     Launchers that own the group (Ray Train) only destroy it if it is still initialised, so closing it here is safe.
