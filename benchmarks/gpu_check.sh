@@ -6,8 +6,11 @@
 #   3. polyglu bench --suite ffn --device cuda: bf16 d 1024/4096 and 4096/14336, 8x2048 tokens, forward+backward time
 #      and saved bytes against eager SwiGLU, Liger's SwiGLU, the Triton kernel and the torch.compile path
 #   4. polyglu bench --suite step --device cuda: a training step of the polyglu-qwen3-0.6b preset vs its swiglu twin
-# Writes into $OUT (default benchmarks/results/gpu): tests.txt, ffn.json, ffn.log, step.json, step.log and
-# summary.json (each stage's exit status, the versions, and the ratios the issue's targets name).
+#   5. in the time left of the 8 minutes: polyglu bench --suite kernel --device cuda, the mixing op alone against
+#      Liger's SiLU·mul (bandwidth) and over a sweep of tile sizes (POLYGLU_TRITON_TILES), to tune the defaults with
+# Writes into $OUT (default benchmarks/results/gpu): tests.txt, ffn.json, ffn.log, step.json, step.log, kernel.json,
+# kernel.log and summary.json (each stage's exit status, the versions, the ratios the issue's targets name, and the
+# kernel suite's ratios to Liger and to the default tiles).
 #
 # Wheels travel to the device machine in .whl/ (git-ignored), fetched here with:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -59,16 +62,28 @@ timeout 80 "$PYTHON" -m modeling_polyglu.benchmarks.runner --suite step --device
     --ffn-types polyglu,moa --repeats 3 --json "$OUT/step.json" 2>&1 | tee "$OUT/step.log"
 step_status=${PIPESTATUS[0]}
 
+stage "kernel suite on CUDA, in the time left"
+left=$((465 - (SECONDS - started)))
+kernel_status=-1  # not run
+if [ "$left" -ge 45 ]; then
+    timeout "$left" "$PYTHON" -m modeling_polyglu.benchmarks.runner --suite kernel --device cuda \
+        --ffn-types polyglu,moa,dualglu --repeats 5 --json "$OUT/kernel.json" 2>&1 | tee "$OUT/kernel.log"
+    kernel_status=${PIPESTATUS[0]}
+else
+    echo "not run: ${left} s left of the 8 minutes" | tee "$OUT/kernel.log"
+fi
+
 stage "summary"
-"$PYTHON" - "$OUT" "$tests_status" "$ffn_status" "$step_status" <<'PYTHON'
+"$PYTHON" - "$OUT" "$tests_status" "$ffn_status" "$step_status" "$kernel_status" <<'PYTHON'
 import json, sys
 from pathlib import Path
 
 import torch
 import triton
 
-out, tests, ffn, step = Path(sys.argv[1]), *map(int, sys.argv[2:5])
-summary = {"exit_status": {"tests": tests, "ffn": ffn, "step": step}, "gpu": torch.cuda.get_device_name(0),
+out, tests, ffn, step, kernel = Path(sys.argv[1]), *map(int, sys.argv[2:6])
+summary = {"exit_status": {"tests": tests, "ffn": ffn, "step": step, "kernel (-1: not run)": kernel},
+           "gpu": torch.cuda.get_device_name(0),
            "torch": torch.__version__, "triton": triton.__version__, "targets": {}}
 lines = (out / "tests.txt").read_text().strip().splitlines() if (out / "tests.txt").exists() else []
 summary["tests"] = lines[-1] if lines else None
@@ -81,6 +96,11 @@ if (out / "ffn.json").exists():
 if (out / "step.json").exists():
     rows = json.loads((out / "step.json").read_text())["suites"]["step"]["rows"]
     summary["targets"]["step"] = {row["contender"]: row["time_vs_swiglu"] for row in rows}
+if (out / "kernel.json").exists():
+    summary["kernel"] = {
+        case["case"]: {row["contender"]: {key: row.get(key) for key in ("time_vs_liger", "time_vs_default", "bandwidth_gbs")}
+                       for row in case["rows"]}
+        for case in json.loads((out / "kernel.json").read_text())["suites"]["kernel"]["cases"]}
 (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
 print(json.dumps(summary, indent=2, allow_nan=True))
 PYTHON

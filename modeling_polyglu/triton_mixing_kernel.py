@@ -31,6 +31,7 @@ still loads without triton.
 import functools
 import math
 import os
+import re
 
 import torch
 
@@ -57,6 +58,8 @@ from .cpu_mixing_kernel import (
 # decided when the programs below are decorated: triton.jit reads TRITON_INTERPRET then, not at launch
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TILES_ENV = "POLYGLU_TRITON_TILES"  # tile sizes instead of the defaults: see tile_overrides()
+_TILE_SPEC = re.compile(r"(\d+)x(\d+)@(\d+)(?::(\d+))?")
 
 # coefficient layouts of the programs (the MODE constexpr)
 _FIXED, _ROWWISE, _NEURON_TOKEN = 0, 1, 2
@@ -375,8 +378,13 @@ def tiles(batch: int, length: int, width: int, backward: bool) -> dict:
     """Tile sizes and, in backward, ROW_STEPS tiles down the sequence per program: on a GPU, tiles of 1-2 K
     elements (8 tokens × 128-256 neurons) and programs of up to 128 tokens, which keeps the per-program partial
     sums at a few percent of the activations' bytes; in the interpreter, one program per sequence and neuron block
-    (each program costs milliseconds there).
+    (each program costs milliseconds there). ``POLYGLU_TRITON_TILES`` overrides them (:func:`tile_overrides`).
     """
+    override = tile_overrides(os.environ.get(TILES_ENV, ""))["backward" if backward else "forward"]
+    if override is not None:
+        block_t, block_f, warps, row_steps = override
+        steps = -(-length // block_t)
+        return {"BLOCK_T": block_t, "BLOCK_F": block_f, "ROW_STEPS": min(row_steps or 16, steps), "num_warps": warps}
     if INTERPRETED:
         block_f = min(_next_power_of_2(width), 512)
         block_t = min(_next_power_of_2(length), max(1, 8192 // block_f))
@@ -384,6 +392,33 @@ def tiles(batch: int, length: int, width: int, backward: bool) -> dict:
     block_t = min(_next_power_of_2(length), 8)
     block_f = min(_next_power_of_2(width), 128 if backward else 256)
     return {"BLOCK_T": block_t, "BLOCK_F": block_f, "ROW_STEPS": min(16, -(-length // block_t)), "num_warps": 4}
+
+
+@functools.lru_cache(maxsize=None)
+def tile_overrides(text: str) -> dict:
+    """``{"forward": (BLOCK_T, BLOCK_F, num_warps, None), "backward": (..., ROW_STEPS or None)}`` from a
+    ``POLYGLU_TRITON_TILES`` value such as ``"forward=8x256@4,backward=8x128@4:16"`` (None: the default tiles).
+
+    A tuning knob for the benchmarks (``polyglu bench --suite kernel`` sweeps it): every size a power of two,
+    BLOCK_T · BLOCK_F at most 2^16, num_warps 1-32; ROW_STEPS (backward only) defaults to 16.
+    """
+    overrides = {"forward": None, "backward": None}
+    for part in filter(None, (piece.strip() for piece in text.split(","))):
+        direction, _, spec = part.partition("=")
+        match = _TILE_SPEC.fullmatch(spec.strip())
+        sizes = None if match is None else [int(value) if value else None for value in match.groups()]
+        valid = (
+            direction.strip() in overrides and sizes is not None
+            and all(value & (value - 1) == 0 and value > 0 for value in sizes if value is not None)
+            and sizes[0] * sizes[1] <= 1 << 16 and sizes[2] <= 32
+            and (sizes[3] is None or direction.strip() == "backward")
+        )
+        if not valid:
+            raise ValueError(f"{TILES_ENV}={text!r}: {part!r} is not a tile; write e.g. "
+                             "'forward=8x256@4,backward=8x128@4:16' (BLOCK_TxBLOCK_F@num_warps[:ROW_STEPS], powers "
+                             "of two, ROW_STEPS for backward only), or unset it for the default tiles.")
+        overrides[direction.strip()] = tuple(sizes)
+    return overrides
 
 
 def runnable(gate: torch.Tensor) -> bool:

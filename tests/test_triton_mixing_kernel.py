@@ -52,7 +52,7 @@ MODEL_FFN_TYPES = MIXING_FFN_TYPES + ("swiglu", "mlp_gelu")  # every mixer; a ga
 FP32_BOUND = 1e-5
 ROUTER_BOUND = 1e-4
 BF16_BOUND = 4e-3
-SMALL_TILES = {"BLOCK_T": 4, "BLOCK_F": 32, "ROW_STEPS": 2, "num_warps": 4}
+SMALL_TILES = "forward=4x32@4,backward=4x32@4:2"  # POLYGLU_TRITON_TILES
 SMALL_TILES_SHAPE = (2, 11, 37)  # 2 token programs of 2 and 1 steps, 2 neuron blocks, partial tiles at every edge
 # hard routing applies to softmax mixings only; a plain (ungated) FFN changes only the loads and stores
 CASES = [(layout, hard, gated) for layout in LAYOUTS for gated in (True, False) for hard in (False, True)
@@ -94,8 +94,28 @@ def triton_versus_naive(layout, shape, hard=False, gated=True, tau=0.7, dtype=to
 @pytest.fixture
 def small_tiles(monkeypatch):
     """GPU-like tiles in the interpreter: several token programs per sequence, several row steps per program and
-    several neuron blocks, with partial tiles at every edge — the partial sums of the backward get exercised."""
-    monkeypatch.setattr(kernel, "tiles", lambda *args, **kwargs: dict(SMALL_TILES))
+    several neuron blocks, with partial tiles at every edge — the partial sums of the backward get exercised.
+    Set the way a user tunes them, through the environment."""
+    monkeypatch.setenv(kernel.TILES_ENV, SMALL_TILES)
+    assert kernel.tiles(*SMALL_TILES_SHAPE, backward=True) == {"BLOCK_T": 4, "BLOCK_F": 32, "ROW_STEPS": 2,
+                                                                "num_warps": 4}
+
+
+def test_tile_overrides_parse_each_direction_and_refuse_what_is_not_a_tile(monkeypatch):
+    assert kernel.tile_overrides("") == {"forward": None, "backward": None}
+    assert kernel.tile_overrides(" backward=16x64@8 ") == {"forward": None, "backward": (16, 64, 8, None)}
+    monkeypatch.setenv(kernel.TILES_ENV, "backward=16x64@8")
+    default_forward = kernel.tiles(2, 300, 1000, backward=False)
+    monkeypatch.delenv(kernel.TILES_ENV)
+    assert default_forward == kernel.tiles(2, 300, 1000, backward=False)  # the other direction keeps its default
+    monkeypatch.setenv(kernel.TILES_ENV, "backward=16x64@8")
+    # ROW_STEPS defaults to 16 tiles down the sequence, fewer where the sequence is shorter
+    assert kernel.tiles(2, 300, 1000, backward=True) == {"BLOCK_T": 16, "BLOCK_F": 64, "ROW_STEPS": 16, "num_warps": 8}
+    assert kernel.tiles(2, 40, 1000, backward=True)["ROW_STEPS"] == 3
+    for text in ("forward=8x100@4", "forward=8x256@4:16", "sideways=8x8@4", "forward=8x256", "backward=512x512@4",
+                 "forward=8x256@64"):
+        with pytest.raises(ValueError, match=f"{kernel.TILES_ENV}=.*is not a tile; write e.g."):
+            kernel.tile_overrides(text)
 
 
 @pytest.mark.parametrize("layout, hard, gated", CASES,

@@ -12,6 +12,8 @@ Suites (``--suite``), one module each:
 * ``generate``: ``model.generate`` with the KV cache against a reference-style loop without cache (the full
   sequence is re-run for every new token), for a causal-routed polyglu model, at several generation lengths.
 * ``convert``: peak memory of streaming conversion against the shard size.
+* ``kernel``: the mixing op alone on a GPU, forward + backward, against Liger's fused SiLU·mul and over a sweep of
+  the Triton programs' tile sizes (in Triton's interpreter elsewhere, measuring nothing).
 
 How the figures are measured: see harness.py. Results are printed as markdown tables and written as JSON
 (``--json``, default ``$POLYGLU_BENCH_DIR`` or ``~/.cache/polyglu/bench/<suite>.json``). ``--quick`` is a smoke
@@ -27,10 +29,11 @@ from pathlib import Path
 import torch
 
 from ..configuration_polyglu import FFN_TYPES
-from . import convert, decode, ffn, generate, hard, step
+from . import convert, decode, ffn, generate, hard, kernel, step
 from .harness import benchmark_environment, environment_info, load_average, write_json
 
-SUITE_MODULES = {"ffn": ffn, "hard": hard, "step": step, "decode": decode, "generate": generate, "convert": convert}
+SUITE_MODULES = {"ffn": ffn, "hard": hard, "step": step, "decode": decode, "generate": generate, "convert": convert,
+                 "kernel": kernel}
 SUITES = tuple(SUITE_MODULES)
 QUICK_REPEATS = 1
 SMOKE_TEST_NOTE = "tiny sizes, one repetition, not results; ratios and spreads here mean nothing"
@@ -84,10 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--suite", choices=SUITES + ("all",), default="ffn",
                         help="ffn (default): FFN block fwd+bwd and saved bytes; hard: soft vs hard routing at "
                              "inference; step: training step; convert: peak memory of streaming conversion; decode: cached "
-                             "per-token latency; generate: cached generate() vs no-cache loop; all: every suite")
+                             "per-token latency; generate: cached generate() vs no-cache loop; kernel: the mixing op alone "
+                             "on a GPU, with a sweep of the Triton tile sizes; all: every suite")
     parser.add_argument("--repeats", type=int,
                         help="interleaved repetitions per contender (default: ffn 5, hard 7, step 3, decode 5, "
-                             "generate 3; convert always runs once; "
+                             "generate 3, kernel 5; convert always runs once; "
                              f"{QUICK_REPEATS} with --quick)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds before timing (default 1)")
     parser.add_argument("--quick", action="store_true",
@@ -152,6 +156,10 @@ def main(argv=None) -> int:
         return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("polyglu bench: error: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    if args.suite == "kernel" and not (torch.cuda.is_available() and args.device != "cpu") and not kernel.interpreted():
+        print("polyglu bench: error: --suite kernel measures the Triton programs on a CUDA device, and there is "
+              "none here (TRITON_INTERPRET=1 runs it in Triton's interpreter, which measures nothing)", file=sys.stderr)
         return 2
     results = run_benchmarks(args)
     print(render(results))

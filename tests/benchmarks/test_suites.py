@@ -1,7 +1,12 @@
 """The benchmark suites run end to end at tiny sizes and report well-formed ratios (no timing is asserted)."""
 
+import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +15,8 @@ from modeling_polyglu import FFN_TYPES
 from modeling_polyglu.benchmarks.ffn import ReferenceStylePolyGLU
 from modeling_polyglu.benchmarks.harness import run_interleaved, saved_tensor_bytes
 from modeling_polyglu.benchmarks.runner import SUITES, main
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _positive_finite(value) -> bool:
@@ -182,3 +189,45 @@ def test_gpu_ffn_contenders_and_a_liger_row_that_says_not_installed(monkeypatch)
     assert _positive_finite(rows["polyglu"]["time_vs_swiglu"])
     table = ffn.markdown_table(case["rows"], ffn.CUDA_COLUMNS)
     assert "| liger_swiglu | n/a |" in table
+
+
+def test_the_kernel_suite_needs_a_gpu_or_the_interpreter(quick_results, tmp_path, capsys):
+    kernel = quick_results["suites"]["kernel"]  # `--suite all` on CPU: the suite says why it did not run
+    assert kernel["cases"] == [] and "CUDA" in kernel["unavailable"]
+    assert main(["--suite", "kernel", "--device", "cpu", "--json", str(tmp_path / "k.json"), "--silent"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--suite kernel" in error and "TRITON_INTERPRET=1" in error
+    assert not (tmp_path / "k.json").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None or importlib.util.find_spec("numpy") is None,
+                    reason="triton (and numpy) not installed")
+def test_the_kernel_suite_runs_in_tritons_interpreter_with_a_tile_sweep(tmp_path):
+    """The op-level rows end to end at tiny sizes in the interpreter (a child process: the variable must be set
+    before triton is imported): every contender, the sweep rows against their default-tiles row."""
+    path = tmp_path / "kernel.json"
+    environment = {**os.environ, "TRITON_INTERPRET": "1",
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    completed = subprocess.run(
+        [sys.executable, "-m", "modeling_polyglu.benchmarks.runner", "--suite", "kernel", "--quick", "--device", "cpu",
+         "--ffn-types", "polyglu,moa,la", "--json", str(path), "--silent"],
+        capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (case,) = json.loads(path.read_text())["suites"]["kernel"]["cases"]
+    rows = {row["contender"]: row for row in case["rows"]}
+    (polyglu_sweep,) = [name for name in rows if name.startswith("polyglu[forward=")]
+    (moa_sweep,) = [name for name in rows if name.startswith("moa[forward=")]
+    assert list(rows)[:3] == ["swiglu", "liger_silu_mul", "swiglu[triton]"]
+    assert set(rows) == {"swiglu", "liger_silu_mul", "swiglu[triton]", "polyglu", "moa", "la", polyglu_sweep,
+                         moa_sweep}  # no torch.compile rows off the GPU; la (ungated) has no sweep
+    assert rows["liger_silu_mul"]["installed"] is False and math.isnan(rows["polyglu"]["time_vs_liger"])
+    for name in (polyglu_sweep, moa_sweep):
+        assert _positive_finite(rows[name]["time_vs_default"])
+    for name in ("swiglu[triton]", "polyglu", "moa", "la"):
+        assert math.isnan(rows[name]["time_vs_default"])
+    for row in rows.values():
+        if row["installed"]:
+            for key in ("time_ms", "forward_ms", "time_vs_swiglu", "bandwidth_gbs", "forward_bandwidth_gbs"):
+                assert _positive_finite(row[key]), (row["contender"], key)
+    assert "| polyglu[forward=" in completed.stdout and "/ default tiles" in completed.stdout
