@@ -28,6 +28,7 @@ triton is importable, and transformers' remote-code import check skips the guard
 still loads without triton.
 """
 
+import contextlib
 import functools
 import math
 import os
@@ -494,8 +495,12 @@ class _Tables:
 
 
 def _launch(kernel, grid, tile, *args, **constants):
-    kernel[grid](*args, **constants, BLOCK_T=tile["BLOCK_T"], BLOCK_F=tile["BLOCK_F"], num_warps=tile["num_warps"],
-                 **({} if INTERPRETED else {"enable_fp_fusion": True}))
+    """Run a program on the device of its first tensor argument (Triton launches on the *current* CUDA device and
+    its stream, which is another one where a model's layers sit on several GPUs, e.g. device_map="auto")."""
+    device = args[0].device
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernel[grid](*args, **constants, BLOCK_T=tile["BLOCK_T"], BLOCK_F=tile["BLOCK_F"],
+                     num_warps=tile["num_warps"], **({} if INTERPRETED else {"enable_fp_fusion": True}))
 
 
 def mix_forward(gate, up, static_logits, token_logits, activations, tau, normalization, hard):

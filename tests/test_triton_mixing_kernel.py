@@ -60,13 +60,14 @@ CASES = [(layout, hard, gated) for layout in LAYOUTS for gated in (True, False) 
          and not (hard and not gated and layout[0] != "factorised_token_x_neuron")]
 
 
-def on_device(inputs, dtype=None):
+def on_device(inputs, dtype=None, device=DEVICE):
     """gate and up in ``dtype``, the router logits in fp32 (as the models keep their routers)."""
-    return [None if t is None else t.detach().to(DEVICE, dtype if i < 2 else None).requires_grad_()
+    return [None if t is None else t.detach().to(device, dtype if i < 2 else None).requires_grad_()
             for i, t in enumerate(inputs)]
 
 
-def triton_versus_naive(layout, shape, hard=False, gated=True, tau=0.7, dtype=torch.float32, scale=1.0):
+def triton_versus_naive(layout, shape, hard=False, gated=True, tau=0.7, dtype=torch.float32, scale=1.0,
+                        device=DEVICE):
     """(output error, [gate, up] errors, [router-logit] errors) of backend="triton" against the naive path.
 
     The naive path runs in fp32 on the same (dtype-rounded) inputs and the same upstream gradient.
@@ -74,13 +75,13 @@ def triton_versus_naive(layout, shape, hard=False, gated=True, tau=0.7, dtype=to
     _, _, _, normalization, activations = layout
     inputs = make_inputs(layout, shape, gated=gated)
     inputs = [t if t is None or i < 2 else (t.detach() * scale) for i, t in enumerate(inputs)]
-    tested = on_device(inputs, dtype)
+    tested = on_device(inputs, dtype, device)
     reference = [None if t is None else t.detach().float().requires_grad_() for t in tested]
     kwargs = dict(tau=tau, normalization=normalization, hard=hard)
     output = mix_activations(*tested[:2], activations, *tested[2:], **kwargs, backend="triton")
     expected = mix_activations_naive(*reference[:2], activations, *reference[2:], **kwargs)
     assert output.dtype == dtype and torch.isfinite(output).all()
-    upstream = torch.randn(output.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE, dtype)
+    upstream = torch.randn(output.shape, generator=torch.Generator().manual_seed(9)).to(device, dtype)
     leaves = [(i, t) for i, t in enumerate(tested) if t is not None]
     grads = torch.autograd.grad(output, [t for _, t in leaves], upstream)
     expected_grads = torch.autograd.grad(expected, [reference[i] for i, _ in leaves], upstream.float())
@@ -233,3 +234,42 @@ def test_fused_picks_the_triton_kernel_for_routed_cuda_mixings_only(monkeypatch)
     mix_activations(*inputs[:2], DICTIONARY, *inputs[2:])  # "fused"
     mix_activations(inputs[0], inputs[1], ("silu",))  # a fixed activation: torch's kernels
     assert calls == (["forward"] if CUDA else [])  # on CPU "fused" means the C++ kernel / torch path
+
+
+def test_programs_launch_on_the_device_of_their_tensors(monkeypatch):
+    """Triton launches on the current CUDA device: each launch enters its tensors' device, or layers on another GPU
+    (device_map="auto") would run on the wrong one. The wiring, with a stand-in tensor on cuda:1."""
+    entered, launched = [], []
+
+    class RecordingDevice:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc_info):
+            entered.append("left")
+
+    class Program:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append((grid, list(entered)))
+
+    class OnTheSecondGPU:
+        device = torch.device("cuda", 1)
+
+    monkeypatch.setattr(torch.cuda, "device", RecordingDevice)
+    tile = {"BLOCK_T": 1, "BLOCK_F": 1, "num_warps": 1}
+    kernel._launch(Program(), (3,), tile, OnTheSecondGPU())
+    assert launched == [((3,), [torch.device("cuda", 1)])] and entered[-1] == "left"
+    entered.clear(), launched.clear()
+    kernel._launch(Program(), (3,), tile, torch.zeros(1))  # a CPU tensor (the interpreter): no device to enter
+    assert launched == [((3,), [])] and entered == []
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("layout", [LAYOUTS[4], LAYOUTS[5]], ids=lambda layout: layout[0])
+def test_tensors_on_another_gpu_than_the_current_one_match_naive(layout):
+    with torch.cuda.device(0):
+        output_error, input_errors, router_errors = triton_versus_naive(layout, ODD_SHAPE, device="cuda:1")
+    assert output_error < FP32_BOUND and max(input_errors) < FP32_BOUND and max(router_errors) < ROUTER_BOUND

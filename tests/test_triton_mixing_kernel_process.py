@@ -41,13 +41,17 @@ def child_environment(**changes) -> dict:
 @pytest.mark.skipif(not INTERPRETER_NEEDED, reason="test_triton_mixing_kernel.py runs in this process")
 def test_the_kernel_tests_pass_in_tritons_interpreter():
     completed = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_mixing_kernel.py"],
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_triton_mixing_kernel.py"],
         capture_output=True, text=True, cwd=REPO_ROOT, env=child_environment(TRITON_INTERPRET="1"), timeout=900,
     )
-    summary = completed.stdout.strip().splitlines()[-1] if completed.stdout.strip() else ""
+    lines = completed.stdout.strip().splitlines()
+    summary = lines[-1] if lines else ""
     print(f"interpreter child: {summary}")
     assert completed.returncode == 0, completed.stdout[-6000:] + completed.stderr[-2000:]
-    assert " passed" in summary and "skipped" not in summary, summary
+    assert " passed" in summary, summary
+    # the only tests that may skip here are those that need two GPUs
+    skips = [line for line in lines if line.startswith("SKIPPED")]
+    assert all("needs two CUDA devices" in line for line in skips), skips
 
 
 def test_the_programs_compile_for_hopper_without_a_gpu():
