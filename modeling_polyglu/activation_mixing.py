@@ -305,6 +305,7 @@ def _cpu_kernel_for(gate, up, static_logits, token_logits, activations, normaliz
 MIXING_BACKENDS = ("fused", "triton")  # of mix_activations; the model's mixing_backend adds "naive"
 DISABLE_TRITON_ENV = "POLYGLU_DISABLE_TRITON_KERNEL"  # "fused" on CUDA then runs the torch.compile'd functions
 _TRITON = {}
+_TRITON_UNBUILDABLE = set()  # devices ("cuda:0") where a program failed to build or fit: "fused" skips Triton there
 
 
 def triton_kernel():
@@ -313,22 +314,43 @@ def triton_kernel():
         _TRITON["kernel"] = None
         if importlib.util.find_spec("triton") is not None:
             try:  # an import inside try: transformers' remote-code check does not require triton for it
-                from .triton_mixing_kernel import mix_backward, mix_forward, supports, unsupported_reason
+                from .triton_mixing_kernel import BUILD_ERRORS, mix_backward, mix_forward, supports, unsupported_reason
             except ImportError as error:  # a broken triton install: the torch path, with one warning
                 warnings.warn(f"triton is installed but its mixing kernel cannot be imported ({error}); using the "
                               "torch path.", RuntimeWarning, stacklevel=2)
             else:
                 _TRITON["kernel"] = {"forward": mix_forward, "backward": mix_backward, "supports": supports,
-                                     "unsupported_reason": unsupported_reason}
+                                     "unsupported_reason": unsupported_reason, "build_errors": BUILD_ERRORS}
     return _TRITON["kernel"]
+
+
+def _run_triton(kernel: dict, direction: str, backend: str, device: torch.device, *args):
+    """A Triton program's result, or None where "fused" falls back because this GPU cannot build or fit it
+    (``backend="triton"`` raises instead)."""
+    try:
+        return kernel[direction](*args)
+    except kernel["build_errors"] as error:
+        if backend != "fused":
+            raise
+        _triton_build_failed(device, error)
+        return None
+
+
+def _triton_build_failed(device: torch.device, error: Exception) -> None:
+    """Remember that Triton could not build or fit a program for this GPU: "fused" stops trying it there."""
+    _TRITON_UNBUILDABLE.add(str(device))
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    warnings.warn(f"the Triton mixing kernel cannot run on {device} ({type(error).__name__}: {message}); "
+                  f"mixing_backend='fused' uses the torch functions there from now on "
+                  f"({DISABLE_TRITON_ENV}=1 skips the attempt).", RuntimeWarning, stacklevel=4)
 
 
 def _triton_kernel_for(backend, gate, up, static_logits, token_logits, activations, normalization):
     """The Triton kernel's functions when they run these inputs, else None.
 
-    "fused": routed mixings of CUDA tensors where triton is importable and POLYGLU_DISABLE_TRITON_KERNEL is not
-    set (a fixed activation stays on torch's kernels, as in transformers' models). "triton": every mixing, or an
-    error that names the fix. Inside torch.compile both leave the op to Inductor, which traces the torch functions.
+    "fused": routed mixings of CUDA tensors where triton is importable, POLYGLU_DISABLE_TRITON_KERNEL is not set
+    and no program failed to build for the device (a fixed activation stays on torch's kernels, as in
+    transformers' models). "triton": every mixing, or an error that names the fix. Inside torch.compile both leave the op to Inductor, which traces the torch functions.
     """
     if backend not in MIXING_BACKENDS:
         choices = ", ".join(map(repr, MIXING_BACKENDS))
@@ -338,7 +360,7 @@ def _triton_kernel_for(backend, gate, up, static_logits, token_logits, activatio
     if backend == "fused":
         if gate.device.type != "cuda" or (static_logits is None and token_logits is None):
             return None
-        if os.environ.get(DISABLE_TRITON_ENV, "0") not in ("", "0"):
+        if os.environ.get(DISABLE_TRITON_ENV, "0") not in ("", "0") or str(gate.device) in _TRITON_UNBUILDABLE:
             return None
         kernel = triton_kernel()
         supported = kernel is not None and kernel["supports"](gate, up, activations, static_logits, token_logits,
@@ -365,10 +387,15 @@ class _MixActivationsFunction(torch.autograd.Function):
     def forward(ctx, gate, up, static_logits, token_logits, activations, tau, normalization, hard, backend):
         ctx.save_for_backward(gate, up, static_logits, token_logits)
         ctx.config = (activations, tau, normalization, hard)
+        ctx.backend = backend
         ctx.triton = _triton_kernel_for(backend, gate, up, static_logits, token_logits, activations, normalization)
         if ctx.triton is not None:
             ctx.cpu_library = None
-            return ctx.triton["forward"](gate, up, static_logits, token_logits, activations, tau, normalization, hard)
+            output = _run_triton(ctx.triton, "forward", backend, gate.device,
+                                 gate, up, static_logits, token_logits, activations, tau, normalization, hard)
+            if output is not None:
+                return output
+            ctx.triton = None
         ctx.cpu_library = _cpu_kernel_for(gate, up, static_logits, token_logits, activations, normalization)
         if ctx.cpu_library is not None:
             return cpu_mix_forward(
@@ -384,15 +411,17 @@ class _MixActivationsFunction(torch.autograd.Function):
         gate, up, static_logits, token_logits = ctx.saved_tensors
         activations, tau, normalization, hard = ctx.config
         needs = tuple(ctx.needs_input_grad[:4])
+        grads = None
         if ctx.triton is not None:
-            grads = ctx.triton["backward"](grad_out, gate, up, static_logits, token_logits, activations, tau,
-                                           normalization, hard, needs)
-        elif ctx.cpu_library is not None and grad_out.dtype == torch.float32:
+            grads = _run_triton(ctx.triton, "backward", ctx.backend, gate.device,
+                                grad_out, gate, up, static_logits, token_logits, activations, tau, normalization, hard,
+                                needs)
+        if grads is None and ctx.cpu_library is not None and grad_out.dtype == torch.float32:
             grads = cpu_mix_backward(
                 ctx.cpu_library, grad_out, gate, up, static_logits, token_logits, activations, tau, normalization,
                 hard, needs,
             )
-        else:
+        elif grads is None:
             grads = _mix_backward(
                 grad_out.contiguous(), gate, up, static_logits, token_logits, activations, tau, normalization, hard,
                 needs,

@@ -59,6 +59,9 @@ from .cpu_mixing_kernel import (
 # decided when the programs below are decorated: triton.jit reads TRITON_INTERPRET then, not at launch
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# what Triton raises where it cannot build or fit a program for the GPU (compilation, ptxas, shared memory): the
+# "fused" backend then falls back to the torch functions (activation_mixing.py); a failed launch is not among them
+BUILD_ERRORS = (triton.TritonError,)
 TILES_ENV = "POLYGLU_TRITON_TILES"  # tile sizes instead of the defaults: see tile_overrides()
 _TILE_SPEC = re.compile(r"(\d+)x(\d+)@(\d+)(?::(\d+))?")
 

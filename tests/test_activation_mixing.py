@@ -201,3 +201,64 @@ def test_compiled_kernels_match_eager(monkeypatch):
     assert relative(compiled, eager) <= 1e-6
     for a, b in zip(compiled_grads, eager_grads):
         assert relative(a, b) <= 1e-6
+
+
+class _CannotBuild(Exception):
+    """Stands for what Triton raises where a GPU cannot build or fit a program (triton.TritonError)."""
+
+
+def _triton_that_cannot_build(direction: str) -> dict:
+    """A Triton kernel whose forward or backward program fails to build; the other direction computes naively."""
+
+    def forward(gate, up, static_logits, token_logits, activations, tau, normalization, hard):
+        if direction == "forward":
+            raise _CannotBuild("PTXAS error: Internal Triton PTX codegen error\nsecond line")
+        k_last = [None if t is None else t.movedim(0, -1) for t in (static_logits, token_logits)]
+        return mix_activations_naive(gate, up, activations, *k_last, tau, normalization, hard).detach()
+
+    def backward(*args):
+        raise _CannotBuild("out of resource: shared memory")
+
+    return {"forward": forward, "backward": backward, "build_errors": (_CannotBuild,)}
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_fused_falls_back_to_the_torch_functions_where_triton_cannot_build_a_program(monkeypatch, direction):
+    """On a GPU that Triton cannot build a program for, "fused" warns once and computes without it (the same
+    values), and stops trying on that device; backend="triton" raises the error instead."""
+    layout = LAYOUTS[5]  # PolyGLU's factorised token × neuron softmax
+    unbuildable = set()
+    monkeypatch.setattr(activation_mixing, "_TRITON_UNBUILDABLE", unbuildable)
+    monkeypatch.setattr(activation_mixing, "_triton_kernel_for",
+                        lambda backend, *args: _triton_that_cannot_build(direction))
+    inputs = make_inputs(layout, (3, 11, 45))
+    reference = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    with pytest.warns(RuntimeWarning, match=r"cannot run on cpu \(_CannotBuild: (PTXAS error: Internal Triton PTX "
+                                            r"codegen error|out of resource: shared memory)\); mixing_backend='fused' "
+                                            r"uses the torch functions there from now on"):
+        output = mix_activations(*inputs[:2], layout[4], *inputs[2:], tau=0.7)
+        output.backward(torch.ones_like(output))
+    expected = mix_activations_naive(*reference[:2], layout[4], *reference[2:], tau=0.7)
+    expected.backward(torch.ones_like(expected))
+    assert relative(output, expected) < 1e-6
+    for tensor, expected_tensor in zip(inputs, reference):
+        assert relative(tensor.grad, expected_tensor.grad) < 1e-4
+    assert unbuildable == {"cpu"}
+    with pytest.raises(_CannotBuild):
+        mix_activations(*inputs[:2], layout[4], *inputs[2:], tau=0.7, backend="triton").sum().backward()
+
+
+def test_fused_skips_triton_on_a_device_where_a_program_failed_to_build(monkeypatch):
+    class GateOnTheGPU:
+        device = torch.device("cuda", 0)
+
+    kernel = {"supports": lambda *args: True}
+    monkeypatch.setattr(activation_mixing, "triton_kernel", lambda: kernel)
+    monkeypatch.setattr(activation_mixing, "_TRITON_UNBUILDABLE", set())
+    monkeypatch.delenv(activation_mixing.DISABLE_TRITON_ENV, raising=False)
+    static_logits = torch.zeros(4, 1, 1, 8)
+    arguments = ("fused", GateOnTheGPU(), None, static_logits, None, DICTIONARY, "softmax")
+    assert activation_mixing._triton_kernel_for(*arguments) is kernel
+    activation_mixing._TRITON_UNBUILDABLE.add("cuda:0")
+    assert activation_mixing._triton_kernel_for(*arguments) is None
+    assert activation_mixing._triton_kernel_for("triton", *arguments[1:]) is kernel  # asked for: still tried
