@@ -6,7 +6,8 @@ transformers' Qwen3 with the same parameter names, so a Qwen3 state dict loads u
 for the routed variants, one `router` submodule holding every routing parameter of the layer; the mixing math
 lives in activation_mixing.py.
 
-PolyGLU's causal routing pools the router input over the tokens seen so far of the current document; the running
+PolyGLU's causal routing pools the router's first-layer features (the mean commutes with that affine layer, so
+pooling them equals pooling the router input) over the tokens seen so far of the current document; the running
 sum lives in the cache (:class:`PolyGLUCache`, :class:`PolyGLUStaticCache`) so cached generation equals
 recomputation. When vLLM builds the model, that state lives in vLLM's paged KV cache instead, through one extra
 attention layer per router (see "Serving with vLLM" below).
@@ -362,8 +363,61 @@ def in_dtype_of(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return inputs.to(module.weight.dtype)
 
 
+class _RouterLinear(torch.autograd.Function):
+    """``F.linear(x.float(), weight, bias)`` that keeps ``x`` for backward in its own dtype, not as its fp32 copy.
+
+    A bf16 model's routers run in fp32: through ``x.float()`` autograd would keep an fp32 copy of the FFN's
+    [B, T, d] input beside the bf16 input the projections keep (+15% activation memory per routed FFN). This keeps
+    the one the projections keep and casts again in backward. Under autocast it computes in the autocast dtype, as
+    the plain expression does.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else torch.float32
+        ctx.save_for_backward(x, weight)
+        ctx.compute_dtype, ctx.bias_dtype = dtype, None if bias is None else bias.dtype
+        with torch.autocast(device_type, enabled=False):
+            return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight = ctx.saved_tensors
+        grad = grad_output.to(ctx.compute_dtype)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ weight.to(ctx.compute_dtype)).to(x.dtype)
+        rows = grad.reshape(-1, grad.shape[-1])  # [N, out]
+        if ctx.needs_input_grad[1]:
+            grad_weight = (rows.t() @ x.reshape(-1, x.shape[-1]).to(ctx.compute_dtype)).to(weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = rows.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_weight, grad_bias
+
+
+def router_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A router's ``F.linear(x.float(), weight, bias)``; in training it keeps x, not an fp32 copy (_RouterLinear)."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and x.dtype != torch.float32:
+        return _RouterLinear.apply(x, weight, bias)
+    return F.linear(x.float(), weight, bias)
+
+
+class RouterLinear(nn.Linear):
+    """An fp32 router projection of an input of any float dtype (see :func:`router_linear`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return router_linear(x, self.weight, self.bias)
+
+
 class PolyGLURouter(nn.Module):
-    """ℓ[t, j, k] = α[j, k] + β[k] · f(pooled x_t)[k], f = Linear(d→w) → ReLU → Linear(w→K)."""
+    """ℓ[t, j, k] = α[j, k] + β[k] · f(pooled x_t)[k], f = Linear(d→w) → ReLU → Linear(w→K).
+
+    Pooling (a mean over tokens) and the affine first layer commute, so the router pools the w features
+    Linear(d→w)(x) instead of the d-wide inputs: the cache holds [B, w] running sums and nothing of size
+    [B, T, d] is kept for backward. A position with no real token so far (left padding) gets zero features.
+    """
 
     neuron_offset = 0  # first d_ff row of this rank's α slice under tensor parallelism (set by the TP style)
 
@@ -373,7 +427,7 @@ class PolyGLURouter(nn.Module):
         self.num_activations = len(activations)
         self.alpha = nn.Parameter(torch.zeros(config.intermediate_size, self.num_activations, dtype=ROUTER_DTYPE))
         self.beta = nn.Parameter(torch.ones(self.num_activations, dtype=ROUTER_DTYPE))
-        self.proj_in = nn.Linear(config.hidden_size, config.router_hidden_size, dtype=ROUTER_DTYPE)
+        self.proj_in = RouterLinear(config.hidden_size, config.router_hidden_size, dtype=ROUTER_DTYPE)
         self.proj_out = nn.Linear(config.router_hidden_size, self.num_activations, dtype=ROUTER_DTYPE)
         self.preference = preference_logits(activations, config.router_init_activation, config.router_init_strength)
         self.vllm_running_mean = None  # vLLM attention layers holding causal pooling's state, when vLLM serves it
@@ -388,27 +442,27 @@ class PolyGLURouter(nn.Module):
 
     def forward(self, hidden_states, routing_context, cache=None, layer_idx=None):
         pooling = self.config.routing_pooling
-        router_input = hidden_states.float()
         context = routing_context or RoutingContext()
+        # [B, T, w] fp32; a serving engine or an adapter may have replaced proj_in with a layer of its own
+        proj_in_input = hidden_states if isinstance(self.proj_in, RouterLinear) else in_dtype_of(self.proj_in, hidden_states.float())
+        projected = self.proj_in(proj_in_input).float()
         if pooling == "causal" and self.vllm_running_mean is not None:
-            # served by vLLM: pool after proj_in (mean and affine map commute), so the cache holds w features
-            projected = self.proj_in(in_dtype_of(self.proj_in, router_input)).float()
-            hidden = F.relu(vllm_running_mean(self.vllm_running_mean, projected))
-            return self._logits(hidden, hidden_states, context)
-        if pooling == "causal":
+            # served by vLLM: its paged KV cache holds the running mean of the features
+            pooled = vllm_running_mean(self.vllm_running_mean, projected)
+        elif pooling == "causal":
             past_sum = past_count = None
             if cache is not None:
                 past_sum, past_count = cache.get_routing_state(layer_idx)
             pooled, running_sum, running_count = causal_document_mean(
-                router_input, context.token_mask, context.document_starts, past_sum, past_count
+                projected, context.token_mask, context.document_starts, past_sum, past_count
             )
             if cache is not None:
                 cache.set_routing_state(layer_idx, running_sum, running_count)
         elif pooling == "sequence":
-            pooled = document_mean(router_input, context.token_mask, context.document_starts)
+            pooled = document_mean(projected, context.token_mask, context.document_starts)
         else:
-            pooled = router_input
-        return self._logits(F.relu(self.proj_in(in_dtype_of(self.proj_in, pooled))), hidden_states, context)
+            pooled = projected
+        return self._logits(F.relu(pooled), hidden_states, context)
 
     def _logits(self, hidden, hidden_states, context: RoutingContext):
         """(static [B|1, 1, F, K], token [B, T, 1, K]) logits from the router MLP's hidden layer [B, T, w]."""
@@ -443,7 +497,7 @@ class TokenRouter(nn.Module):
         init.copy_(self.bias, _like(self.preference, self.bias))
 
     def forward(self, hidden_states, routing_context=None, cache=None, layer_idx=None):
-        logits = F.linear(hidden_states.float(), self.weight.float(), self.bias.float())
+        logits = router_linear(hidden_states, self.weight.float(), self.bias.float())
         return None, logits.unsqueeze(2)
 
 
@@ -723,7 +777,8 @@ class PolyGLUMLP(nn.Module):
 
 
 class RoutingStateMixin:
-    """What a cache needs to carry, per causal-routed layer, the running sum [B, D] and count [B, 1] of router inputs.
+    """What a cache needs to carry, per causal-routed layer, the running sum [B, w] and count [B, 1] of the router's
+    first-layer features (w = router_hidden_size).
 
     Mixed into transformers' caches (PolyGLUCache, PolyGLUStaticCache). `generate()` and callers that build a plain
     DynamicCache or StaticCache get an empty one converted in place on the first forward (see
@@ -784,7 +839,7 @@ class RoutingStateMixin:
     def crop(self, *args, **kwargs):
         if self.routing_sums:
             raise ValueError(
-                f"{type(self).__name__} cannot crop: causal routing keeps a running sum of router inputs, not one "
+                f"{type(self).__name__} cannot crop: causal routing keeps a running sum of router features, not one "
                 "entry per token. Assisted/speculative decoding that rolls the cache back is not supported; use plain "
                 "generation (or ffn routing_pooling='token')."
             )

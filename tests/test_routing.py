@@ -540,3 +540,45 @@ def test_sequence_pooling_generates_by_recomputing():
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     assert torch.equal(generated, tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# memory: fp32 routers of a bf16 model keep no fp32 copy of the FFN input for backward
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "bf16+fp32-under-autocast"])
+def test_router_linear_has_the_value_and_gradients_of_the_plain_expression(autocast):
+    """router_linear keeps the bf16 input instead of its fp32 copy; output and every gradient are unchanged."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, 24, generator=generator).to(torch.bfloat16)
+    weight = torch.randn(5, 24, generator=generator)
+    bias = torch.randn(5, generator=generator)
+    results = []
+    for function in (modeling.router_linear, lambda x, w, b: F.linear(x.float(), w, b)):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            output = function(*leaves)
+        output.backward(torch.linspace(-1, 1, output.numel()).view_as(output).to(output.dtype))
+        results.append([output.detach(), *(leaf.grad for leaf in leaves)])
+    for ours, plain in zip(*results):  # the same products in the same dtypes: equal to the bit (seen on CPU)
+        assert ours.dtype == plain.dtype and torch.equal(ours, plain)
+
+
+@pytest.mark.parametrize("ffn_type", SOFTMAX_FFN_TYPES)
+def test_bf16_routed_ffns_keep_no_fp32_copy_of_their_input(ffn_type):
+    """What autograd keeps for backward beyond swiglu's is far less than one fp32 copy of the [B, T, d] input (the
+    routers are fp32; they keep the bf16 input the projections keep)."""
+    from modeling_polyglu.benchmarks.harness import saved_tensor_bytes
+    from modeling_polyglu.benchmarks.models import project_mlp
+
+    batch, length, hidden, intermediate = 2, 16, 512, 256
+    x = torch.randn(batch, length, hidden).to(torch.bfloat16).requires_grad_()
+    saved = {}
+    for name in ("swiglu", ffn_type):
+        mlp = project_mlp(hidden, intermediate, name, torch.Generator().manual_seed(0)).to(torch.bfloat16).train()
+        if hasattr(mlp, "router"):
+            mlp.router.float()
+        saved[name] = saved_tensor_bytes(lambda: mlp(x), exclude=list(mlp.parameters()))
+    fp32_copy = batch * length * hidden * 4
+    assert saved[ffn_type] - saved["swiglu"] < fp32_copy / 2, (saved, fp32_copy)
