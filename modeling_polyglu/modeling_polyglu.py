@@ -364,19 +364,19 @@ def in_dtype_of(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 
 
 class _RouterLinear(torch.autograd.Function):
-    """``F.linear(x.float(), weight, bias)`` that keeps ``x`` for backward in its own dtype, not as its fp32 copy.
+    """``F.linear(x.to(weight.dtype), weight, bias)`` that keeps ``x`` for backward in its own dtype, not as a copy.
 
-    A bf16 model's routers run in fp32: through ``x.float()`` autograd would keep an fp32 copy of the FFN's
-    [B, T, d] input beside the bf16 input the projections keep (+15% activation memory per routed FFN). This keeps
-    the one the projections keep and casts again in backward. Under autocast it computes in the autocast dtype, as
-    the plain expression does.
+    A bf16 model's routers run in fp32: through the cast autograd would keep an fp32 copy of the FFN's [B, T, d]
+    input beside the bf16 input the projections keep (+15% activation memory per routed FFN). This keeps the one
+    the projections keep and casts again in backward. Under autocast it computes in the autocast dtype, as the
+    plain expression does.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         device_type = x.device.type
         autocast = torch.is_autocast_enabled(device_type)
-        dtype = torch.get_autocast_dtype(device_type) if autocast else torch.float32
+        dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
         ctx.save_for_backward(x, weight)
         ctx.compute_dtype, ctx.bias_dtype = dtype, None if bias is None else bias.dtype
         with torch.autocast(device_type, enabled=False):
@@ -398,14 +398,15 @@ class _RouterLinear(torch.autograd.Function):
 
 
 def router_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """A router's ``F.linear(x.float(), weight, bias)``; in training it keeps x, not an fp32 copy (_RouterLinear)."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and x.dtype != torch.float32:
+    """A router's ``F.linear(x.to(weight.dtype), weight, bias)`` (fp32 routers: of a bf16 input); in training it
+    keeps x for backward, not its cast copy (_RouterLinear). DeepSpeed's bf16 mode makes the weights bf16 too."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and x.dtype != weight.dtype:
         return _RouterLinear.apply(x, weight, bias)
-    return F.linear(x.float(), weight, bias)
+    return F.linear(x.to(weight.dtype), weight, bias)
 
 
 class RouterLinear(nn.Linear):
-    """An fp32 router projection of an input of any float dtype (see :func:`router_linear`)."""
+    """A router projection (fp32) of an input of any float dtype (see :func:`router_linear`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return router_linear(x, self.weight, self.bias)
@@ -444,7 +445,7 @@ class PolyGLURouter(nn.Module):
         pooling = self.config.routing_pooling
         context = routing_context or RoutingContext()
         # [B, T, w] fp32; a serving engine or an adapter may have replaced proj_in with a layer of its own
-        proj_in_input = hidden_states if isinstance(self.proj_in, RouterLinear) else in_dtype_of(self.proj_in, hidden_states.float())
+        proj_in_input = hidden_states if isinstance(self.proj_in, RouterLinear) else in_dtype_of(self.proj_in, hidden_states)
         projected = self.proj_in(proj_in_input).float()
         if pooling == "causal" and self.vllm_running_mean is not None:
             # served by vLLM: its paged KV cache holds the running mean of the features
