@@ -350,7 +350,8 @@ def _triton_kernel_for(backend, gate, up, static_logits, token_logits, activatio
 
     "fused": routed mixings of CUDA tensors where triton is importable, POLYGLU_DISABLE_TRITON_KERNEL is not set
     and no program failed to build for the device (a fixed activation stays on torch's kernels, as in
-    transformers' models). "triton": every mixing, or an error that names the fix. Inside torch.compile both leave the op to Inductor, which traces the torch functions.
+    transformers' models). "triton": every mixing, or an error that names the fix. Inside torch.compile both leave
+    the op to Inductor, which traces the torch functions.
     """
     if backend not in MIXING_BACKENDS:
         choices = ", ".join(map(repr, MIXING_BACKENDS))

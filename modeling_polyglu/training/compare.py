@@ -121,16 +121,23 @@ def matched_intermediate_size(config, target: int, tolerance: float = MATCH_TOLE
 
 
 def paired_initial_model(config, reference_config, seed: int):
-    """The variant initialised under `seed`, then given the reference's initial tensors wherever name and shape agree."""
+    """The variant initialised under `seed`, then given the reference's initial tensors wherever name and shape agree.
+
+    Parameters are copied whole, also where ZeRO-3 partitions both models as they are built (every rank takes part).
+    """
+    from .engines import copy_parameter, whole_shape
     from .pretrain import new_model
 
     model = new_model(config, seed)
     if reference_config.to_dict() == config.to_dict():
         return model
-    reference = new_model(reference_config, seed).state_dict()
-    own = model.state_dict()
-    shared = {name: tensor for name, tensor in reference.items() if name in own and own[name].shape == tensor.shape}
-    model.load_state_dict(shared, strict=False)
+    reference = new_model(reference_config, seed)
+    reference_tensors = reference.state_dict(keep_vars=True)  # the parameters themselves, ZeRO-3's attributes kept
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            source = reference_tensors.get(name)
+            if source is not None and whole_shape(source) == whole_shape(tensor):
+                copy_parameter(tensor, source)
     return model
 
 

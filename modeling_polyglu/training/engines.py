@@ -35,6 +35,24 @@ def full_parameter(parameter: torch.Tensor) -> torch.Tensor:
     return parameter.detach()
 
 
+def copy_parameter(target: torch.nn.Parameter, source: torch.Tensor) -> None:
+    """target ← source, whole values; under ZeRO-3 both are gathered and rank 0's copy is partitioned back (collective)."""
+    partitioned = [tensor for tensor in (target, source) if hasattr(tensor, "ds_id")]
+    if not partitioned:
+        target.data.copy_(source.data)
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+        if deepspeed.comm.get_rank() == 0:
+            target.data.copy_(source.data)
+
+
+def whole_shape(parameter: torch.Tensor) -> torch.Size:
+    """The shape of the whole parameter (ZeRO-3 keeps it as ds_shape beside an empty local tensor)."""
+    return getattr(parameter, "ds_shape", parameter.shape)
+
+
 def _fp32_master(parameter: torch.Tensor, deepspeed_enabled: bool) -> torch.Tensor:
     if deepspeed_enabled and parameter.requires_grad:
         from deepspeed.utils import safe_get_full_fp32_param

@@ -181,17 +181,31 @@ def training_settings(training_args) -> dict:
 
 
 def count_parameters(model) -> int:
-    """Distinct parameters (a tied embedding counts once)."""
-    return sum(parameter.numel() for parameter in model.parameters())
+    """Distinct parameters (a tied embedding counts once), whole also where ZeRO-3 holds a slice of each."""
+    return sum(getattr(parameter, "ds_numel", parameter.numel()) for parameter in model.parameters())
 
 
 def new_model(config, seed: int):
+    """A model initialised under `seed`; under DeepSpeed ZeRO-3 partitioned over the ranks as it is built.
+
+    Under ZeRO-3 transformers builds each layer inside `deepspeed.zero.Init` with torch's default initialisation
+    off, then draws every weight in its own init order, so no rank ever holds the whole model. The other engines
+    build the model the same way without the partitioning: the same seed gives the same weights on every engine.
+    """
     from transformers import set_seed
+    from transformers.initialization import no_init_weights
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     from ..modeling_polyglu import PolyGLUForCausalLM
 
     set_seed(seed)
-    return PolyGLUForCausalLM(config)
+    if is_deepspeed_zero3_enabled():
+        return PolyGLUForCausalLM._from_config(config)
+    with no_init_weights():
+        model = PolyGLUForCausalLM(config)
+    model.initialize_weights()
+    model.tie_weights()
+    return model
 
 
 def eval_loss_history(log_history: list[dict]) -> list[list]:

@@ -1,9 +1,9 @@
 """`polyglu sft` (or `pretrain`) with FSDP2 forced on for CPU ranks — a test-only launcher (GPUs need none of this).
 
-accelerate 1.15 turns FSDP on only for GPU-like distributed types: with CPU ranks the state stays MULTI_CPU, the FSDP
-plugin is dropped without a warning and the Trainer wraps the model in DDP. This script restores what accelerate does
-on GPUs — distributed type FSDP with the launcher's plugin — right after the state is built, then runs `polyglu sft`
-(or `polyglu pretrain` when the first argument is `pretrain`):
+accelerate 1.15 and 1.16 turn FSDP on only for GPU-like distributed types: with CPU ranks the state stays MULTI_CPU,
+the FSDP plugin is dropped without a warning and the Trainer wraps the model in DDP. This script restores what
+accelerate does on GPUs — distributed type FSDP with the launcher's plugin — right after the state is built, then
+runs `polyglu sft` (or `polyglu pretrain` when the first argument is `pretrain`):
 
     accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2 --mixed_precision no \
         tests/training/fsdp_on_cpu.py [pretrain] --use_cpu true <polyglu sft / pretrain arguments>

@@ -4,7 +4,7 @@
         --model_init_kwargs '{"tp_plan": "auto"}' <polyglu sft arguments>
 
 The model is sharded at load time (`from_pretrained(..., tp_plan="auto")` through SFTConfig.model_init_kwargs) and the
-Trainer hands accelerate a ParallelismConfig with its tp_size. accelerate 1.15 accepts that only for GPU-like
+Trainer hands accelerate a ParallelismConfig with its tp_size. accelerate 1.15 and 1.16 accept that only for GPU-like
 distributed types (it raises for MULTI_CPU), so this script counts MULTI_CPU as one, which is what a GPU launch is;
 with TP enabled accelerate then leaves the model unwrapped, as on GPUs. It prints how the loaded model is sharded.
 """

@@ -7,7 +7,7 @@ session run (conftest.py's `ddp_run`, distributed_runs.RUN_OVERRIDES): 5 steps o
 - zero2 / zero3: `accelerate launch --config_file recipes/accelerate/deepspeed_zero{2,3}.yaml --num_processes 2
   --mixed_precision no recipes/sft.py ...` (DeepSpeed on CPU uses gloo);
 - fsdp2: `accelerate launch --config_file recipes/accelerate/fsdp.yaml ... tests/training/fsdp_on_cpu.py ...` — the
-  shim puts back the FSDP state accelerate 1.15 keeps from CPU ranks; the run asserts that parameters are DTensors;
+  shim puts back the FSDP state accelerate 1.15-1.16 keep from CPU ranks; the run asserts that parameters are DTensors;
 - ray: `python recipes/ray_train.py --num_workers 2 -- ...`, a Ray Train TorchTrainer with 2 CPU workers.
 
 Per engine, against DDP and one process (fp32; relative 1e-5 unless stated):

@@ -152,3 +152,32 @@ def test_engine_pretrain_equals_ddp(engine, runs, corpus, tmp_path):
         assert [value for _, value in measured] == pytest.approx([value for _, value in reference], rel=1e-5), key
     assert_same_weights(output_dir, ddp)
     assert_same_routing_metrics(output_dir, ddp)
+
+
+def test_zero3_builds_initial_models_partitioned_with_one_process_weights(tmp_path):
+    """Under ZeRO-3 no rank builds the whole model, and the same seed still gives one process's initial weights."""
+    from modeling_polyglu.training.compare import paired_initial_model, with_fields
+    from modeling_polyglu.training.pretrain import PretrainArguments, build_config, new_model
+    from modeling_polyglu.training.pretrain_data import build_ascii_tokenizer
+
+    require(ENGINE_PACKAGES["zero3"])
+    output = tmp_path / "initial.safetensors"
+    run_checked([
+        sys.executable, "-m", "accelerate.commands.launch", *accelerate_config("deepspeed_zero3"), "--num_processes", "2",
+        "--main_process_port", str(free_port()), str(REPO / "tests" / "training" / "zero3_initial_models.py"), str(output),
+    ], tmp_path)
+    saved = load_file(str(output))
+    assert saved.pop("partitioned").item() == 1, "a ZeRO-3 rank built a whole parameter"
+    config = with_fields(build_config(PretrainArguments(), build_ascii_tokenizer()), ffn_type="polyglu")
+    expected = {
+        "new": new_model(config, 3),
+        "paired": paired_initial_model(config, with_fields(config, ffn_type="swiglu"), 3),
+    }
+    for prefix, model in expected.items():
+        parameters = dict(model.named_parameters())
+        assert sorted(name for name in saved if name.startswith(f"{prefix}/")) == sorted(f"{prefix}/{name}" for name in parameters)
+        for name, parameter in parameters.items():
+            torch.testing.assert_close(saved[f"{prefix}/{name}"], parameter.detach(), rtol=0, atol=0, msg=name)
+    # polyglu's layer-0 router takes draws swiglu's does not, so from layer 1 on only pairing makes the weights agree
+    name = "model.layers.1.self_attn.q_proj.weight"
+    assert not torch.equal(saved[f"new/{name}"], saved[f"paired/{name}"])
