@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from ..configuration_polyglu import FFN_TYPES
+from .pretrain import check_config_fields
 from .statistics import interval_excludes_zero, mean, paired_t_interval, sample_std
 
 COMPARISON_JSON = "comparison.json"
@@ -82,6 +83,7 @@ def parse_variant(spec: str) -> tuple[str, dict]:
             fields[name] = json.loads(value)
         except json.JSONDecodeError:
             fields[name] = value
+    check_config_fields(fields, repr(spec))
     return ffn_type, fields
 
 

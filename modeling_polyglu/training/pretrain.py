@@ -17,6 +17,8 @@ JSON file), the same as `--model_config`.
   `trust_remote_code=True`, and `run_summary.json` — written last, atomically, so its presence means the run finished.
 """
 
+import difflib
+import functools
 import json
 import math
 import os
@@ -65,6 +67,26 @@ class PretrainArguments:
             parsed = _json_object(self.config_overrides)
             if not isinstance(parsed, dict):
                 raise ValueError(f"config_overrides must be a JSON object, got {self.config_overrides!r}.")
+            check_config_fields(parsed, "config_overrides")
+
+
+@functools.lru_cache(maxsize=1)
+def config_field_names() -> frozenset:
+    """Every field a PolyGLUConfig saves, and Qwen3's older rope fields (folded into rope_parameters)."""
+    from ..configuration_polyglu import PolyGLUConfig
+
+    return frozenset(PolyGLUConfig().to_dict()) | {"rope_theta", "rope_scaling"}
+
+
+def check_config_fields(names, source: str) -> None:
+    """Refuse a name PolyGLUConfig lacks: the config would keep it as an attribute that nothing reads (a typo)."""
+    known = config_field_names()
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"{source}: {name!r} is not a PolyGLUConfig field; {hint}PolyGLUConfig's docstring "
+                             "lists the fields.")
 
 
 def _json_object(text: str):

@@ -202,6 +202,8 @@ def test_variant_fields_reach_the_run_and_its_folder(tmp_path):
     assert parse_variant("polyglu:routing_tau=0.5:routing_hard=true") == ("polyglu", {"routing_tau": 0.5, "routing_hard": True})
     with pytest.raises(ValueError, match="field=value"):
         parse_variant("dualglu:static_equal")
+    with pytest.raises(ValueError, match="'dualglu_mix' is not a PolyGLUConfig field; did you mean 'dualglu_mixing'"):
+        parse_variant("dualglu:dualglu_mix=static_equal")
     entry = {"ffn_type": "dualglu:dualglu_mixing=static_equal", "seed": 1, "intermediate_size": 48}
     run_dir = run_directory(tmp_path, entry["ffn_type"], 1)
     assert run_dir.name == "dualglu-dualglu_mixing=static_equal-seed1"

@@ -146,3 +146,24 @@ def test_bad_input_is_one_line(capsys):
     assert capsys.readouterr().err.strip().count("\n") == 0
     assert cli_main(["pretrain", "--output_dir", "x", "--max_steps", "1", "--config", "no-such-preset"]) == 2
     assert "Unknown preset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ('{"routing_taux": 0.5}', "'routing_taux' is not a PolyGLUConfig field; did you mean 'routing_tau'?"),
+    ('{"intermediate_size": 64, "zzz": 1}', "'zzz' is not a PolyGLUConfig field; PolyGLUConfig's docstring"),
+])
+def test_a_misspelt_config_field_is_refused_before_training(overrides, message, tmp_path, capsys):
+    output_dir = tmp_path / "run"
+    argv = ["pretrain", "--output_dir", str(output_dir), "--max_steps", "1", "--config_overrides", overrides]
+    assert cli_main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"polyglu pretrain: error: config_overrides: {message}")
+    assert "\n" not in error and not output_dir.exists()
+
+
+def test_config_overrides_take_every_saved_field_and_the_old_rope_names():
+    config = build_config(
+        PretrainArguments(config_overrides='{"rope_theta": 10000.0, "routing_hard": true, "use_cache": false}'),
+        build_ascii_tokenizer(),
+    )
+    assert (config.rope_parameters["rope_theta"], config.routing_hard, config.use_cache) == (10000.0, True, False)
