@@ -30,6 +30,7 @@ saved with it; triton_mixing_kernel.py only on first use, where triton is import
 import importlib.util
 import math
 import os
+import re
 import sys
 import warnings
 from typing import Callable, NamedTuple, Optional
@@ -308,20 +309,44 @@ _TRITON = {}
 _TRITON_UNBUILDABLE = set()  # devices ("cuda:0") where a program failed to build or fit: "fused" skips Triton there
 
 
+# triton 3.2 (beside torch 2.6) cannot compile the programs: its code generator does not carry tuples through
+# static loops. The interpreter runs them there, the GPU compiler fails; 3.3-3.9 compile them (tests, one-off).
+MIN_TRITON_VERSION = (3, 3)
+
+
 def triton_kernel():
-    """triton_mixing_kernel.py's functions as a dict, imported on first use; None where triton is not importable."""
+    """triton_mixing_kernel.py's functions as a dict, imported on first use; None where triton is not importable
+    or older than MIN_TRITON_VERSION (then ``_TRITON["missing"]`` says why)."""
     if "kernel" not in _TRITON:
-        _TRITON["kernel"] = None
-        if importlib.util.find_spec("triton") is not None:
-            try:  # an import inside try: transformers' remote-code check does not require triton for it
-                from .triton_mixing_kernel import BUILD_ERRORS, mix_backward, mix_forward, supports, unsupported_reason
-            except ImportError as error:  # a broken triton install: the torch path, with one warning
-                warnings.warn(f"triton is installed but its mixing kernel cannot be imported ({error}); using the "
-                              "torch path.", RuntimeWarning, stacklevel=2)
-            else:
-                _TRITON["kernel"] = {"forward": mix_forward, "backward": mix_backward, "supports": supports,
-                                     "unsupported_reason": unsupported_reason, "build_errors": BUILD_ERRORS}
+        _TRITON["kernel"], _TRITON["missing"] = _load_triton_kernel()
     return _TRITON["kernel"]
+
+
+def _load_triton_kernel():
+    if importlib.util.find_spec("triton") is None:
+        return None, "needs the triton package (pip install triton), which is not importable here"
+    try:  # imports inside try: transformers' remote-code check does not require triton for them
+        import triton
+
+        found = triton.__version__
+        if _major_minor(found) < MIN_TRITON_VERSION:
+            wanted = ".".join(map(str, MIN_TRITON_VERSION))
+            return None, f"needs triton >= {wanted}, found {found} (pip install -U triton, or torch >= 2.7)"
+        from .triton_mixing_kernel import BUILD_ERRORS, mix_backward, mix_forward, supports, unsupported_reason
+    except ImportError as error:  # a broken triton install: the torch path, with one warning
+        warnings.warn(f"triton is installed but its mixing kernel cannot be imported ({error}); using the "
+                      "torch path.", RuntimeWarning, stacklevel=3)
+        return None, f"cannot import its kernel ({error})"
+    functions = {"forward": mix_forward, "backward": mix_backward, "supports": supports,
+                 "unsupported_reason": unsupported_reason, "build_errors": BUILD_ERRORS}
+    return functions, None
+
+
+def _major_minor(version: str) -> tuple:
+    """(3, 3) of "3.3.1" or "3.3.0+git1234"; MIN_TRITON_VERSION where the text does not start with two numbers
+    (an unusual build is given the benefit of the doubt: a program it cannot build falls back, see _run_triton)."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else MIN_TRITON_VERSION
 
 
 def _run_triton(kernel: dict, direction: str, backend: str, device: torch.device, *args):
@@ -369,8 +394,8 @@ def _triton_kernel_for(backend, gate, up, static_logits, token_logits, activatio
         return kernel if supported else None
     kernel = triton_kernel()
     if kernel is None:
-        raise RuntimeError("mixing_backend='triton' needs the triton package (pip install triton), which is not "
-                           "importable here; use mixing_backend='fused'.")
+        reason = _TRITON.get("missing") or "cannot load the Triton kernel"
+        raise RuntimeError(f"mixing_backend='triton' {reason}; use mixing_backend='fused'.")
     if not kernel["supports"](gate, up, activations, static_logits, token_logits, normalization):
         raise RuntimeError(kernel["unsupported_reason"](gate, up, activations, static_logits, token_logits,
                                                         normalization))

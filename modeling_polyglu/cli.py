@@ -2,11 +2,15 @@
 
 import argparse
 import errno
+import importlib.util
 import signal
 import sys
 import threading
 
 from .configuration_polyglu import FFN_TYPES
+
+# what `pip install "polyglu[train]"` adds; the model, convert and bench need none of it
+TRAINING_EXTRA_MODULES = frozenset({"trl", "peft", "accelerate", "datasets", "matplotlib", "tensorboard"})
 
 
 def _add_demo_parser(subparsers):
@@ -28,6 +32,7 @@ def _add_demo_parser(subparsers):
 def _run_demo(args) -> int:
     from .demo import run_demo
 
+    _require_training_extras()  # its fine-tuning stage needs them: fail before the pretraining, not after
     run_demo(
         args.output_dir, args.ffn_type, args.pretrain_steps, args.sft_steps, args.seed, base_model=args.base_model,
         overwrite=args.overwrite,
@@ -176,10 +181,30 @@ def describe_os_error(error: OSError) -> str:
     return f"{text}; {hint}" if hint else text
 
 
+def _require_training_extras() -> None:
+    """Raise ModuleNotFoundError (main() reports it in one line) where a module of the training extras is missing."""
+    for name in sorted(TRAINING_EXTRA_MODULES):
+        if importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(argv)
+    except ModuleNotFoundError as error:
+        missing = (error.name or "").split(".")[0]
+        if missing not in TRAINING_EXTRA_MODULES:
+            raise
+        command = f"polyglu {argv[0]}" if argv else "polyglu"
+        print(f"{command}: error: {missing} is not installed, and {command} needs the training extras: "
+              "pip install 'polyglu[train]' (in a checkout: pip install -e '.[train]')", file=sys.stderr)
+        return 2
+
+
+def _dispatch(argv: list) -> int:
     from .conversion.staging import DestinationExistsError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # the benchmark suite has its own parser
         from .benchmarks.runner import main as bench_main
 

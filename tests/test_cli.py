@@ -66,3 +66,35 @@ def test_atomic_directory_replaces_only_when_asked(tmp_path):
         (staging / "b.txt").write_text("second")
     assert sorted(p.name for p in destination.iterdir()) == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_the_training_extra_modules_are_setup_cfgs_train_extra():
+    import configparser
+
+    from modeling_polyglu.cli import TRAINING_EXTRA_MODULES
+
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    requirements = setup["options.extras_require"]["train"].split()
+    names = {requirement.split(">")[0].split("<")[0].split("=")[0] for requirement in requirements}
+    assert names == TRAINING_EXTRA_MODULES
+
+
+@pytest.mark.parametrize("argv, missing", [
+    (["sft", "--help"], "trl"),
+    (["compare", "--help"], "trl"),
+    (["inspect", "no-such-checkpoint"], "matplotlib"),
+    (["demo", "--output-dir", "{tmp}/demo"], "datasets"),
+])
+def test_a_missing_training_extra_is_one_line_before_any_work(argv, missing, tmp_path):
+    """A base install (no [train] extra) asked for a training command: the module and the install line, exit 2."""
+    argv = [part.replace("{tmp}", str(tmp_path)) for part in argv]
+    script = (f"import sys; sys.modules[{missing!r}] = None\n"  # what importing it raises where it is not installed
+              "from modeling_polyglu.cli import main; sys.exit(main(sys.argv[1:]))")
+    completed = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2, completed.stderr[-3000:]
+    command = f"polyglu {argv[0]}"
+    assert completed.stderr.strip() == (f"{command}: error: {missing} is not installed, and {command} needs the training "
+                                        "extras: pip install 'polyglu[train]' (in a checkout: pip install -e '.[train]')")
+    assert "[1/4]" not in completed.stdout, "the demo started its pipeline before it found the missing module"
+    assert not list(tmp_path.iterdir())

@@ -13,7 +13,6 @@ Tolerances, norm-wise relative ‖a−b‖/‖b‖ against the naive path on the
   gradients within 4e-3 (one bf16 rounding of each result is ~1.1e-3 norm-wise), router gradients within 1e-4.
 """
 
-import importlib.util
 import os
 
 import pytest
@@ -24,16 +23,12 @@ from modeling_polyglu.activation_mixing import mix_activations, mix_activations_
 from modeling_polyglu.configuration_polyglu import MIXING_FFN_TYPES
 
 from .test_activation_mixing import DICTIONARY, LAYOUTS, make_inputs, relative
-from .utils import ALL_VARIANTS, tiny_model, variant_id
+from .utils import ALL_VARIANTS, require_usable_triton, tiny_model, variant_id
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
-_missing = [name for name in ("triton", "numpy") if importlib.util.find_spec(name) is None]
-if _missing:
-    if os.environ.get("POLYGLU_REQUIRE_TRITON", "0") not in ("", "0"):
-        raise ImportError(f"POLYGLU_REQUIRE_TRITON=1 but {', '.join(_missing)} cannot be imported")
-    pytest.skip(f"{', '.join(_missing)} not installed", allow_module_level=True)
+require_usable_triton()
 
 
 if not (CUDA or os.environ.get("TRITON_INTERPRET") == "1"):
@@ -218,11 +213,34 @@ def test_the_backend_is_a_config_choice_and_fails_clearly_where_it_cannot_run(mo
         with pytest.raises(RuntimeError, match="runs on CUDA tensors; on CPU only in Triton's interpreter"):
             with torch.no_grad():
                 model(input_ids)
-    monkeypatch.setattr(activation_mixing, "_TRITON", {"kernel": None})
-    with pytest.raises(RuntimeError, match=r"needs the triton package \(pip install triton\)"):
+    find_spec = activation_mixing.importlib.util.find_spec
+
+    def without_triton(name):
+        return None if name == "triton" else find_spec(name)
+
+    monkeypatch.setattr(activation_mixing.importlib.util, "find_spec", without_triton)
+    monkeypatch.setattr(activation_mixing, "_TRITON", {})
+    with pytest.raises(RuntimeError, match=r"^mixing_backend='triton' needs the triton package \(pip install triton\)"):
         mix_activations(gate, None, ("silu",), backend="triton")
     with pytest.raises(ValueError, match="backend='cuda' is not supported"):
         mix_activations(gate, None, ("silu",), backend="cuda")
+
+
+@pytest.mark.parametrize(
+    "version, usable", [("3.2.0", False), ("2.3.1", False), ("3.3.1", True), ("3.10.0+git9f2e", True), ("dev", True)]
+)
+def test_a_triton_too_old_to_compile_the_programs_is_not_used(monkeypatch, version, usable):
+    """triton 3.2's compiler fails on the programs (the interpreter runs them): "fused" keeps to the torch path,
+    "triton" names the version it needs."""
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", version)
+    monkeypatch.setattr(activation_mixing, "_TRITON", {})
+    assert (activation_mixing.triton_kernel() is not None) == usable
+    if not usable:
+        gate = on_device(make_inputs(LAYOUTS[5], (2, 3, 8)))[0]
+        with pytest.raises(RuntimeError, match=rf"^mixing_backend='triton' needs triton >= 3.3, found {version} "):
+            mix_activations(gate, None, ("silu",), backend="triton")
 
 
 def test_fused_picks_the_triton_kernel_for_routed_cuda_mixings_only(monkeypatch):

@@ -11,7 +11,6 @@ That a checkpoint loads where triton cannot be imported is checked by test_remot
 Skipped without triton (or numpy) unless POLYGLU_REQUIRE_TRITON=1.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -21,14 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from .utils import require_usable_triton
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 INTERPRETER_NEEDED = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 
-_missing = [name for name in ("triton", "numpy") if importlib.util.find_spec(name) is None]
-if _missing:
-    if os.environ.get("POLYGLU_REQUIRE_TRITON", "0") not in ("", "0"):
-        raise ImportError(f"POLYGLU_REQUIRE_TRITON=1 but {', '.join(_missing)} cannot be imported")
-    pytest.skip(f"{', '.join(_missing)} not installed", allow_module_level=True)
+require_usable_triton()
 
 
 def child_environment(**changes) -> dict:

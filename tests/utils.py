@@ -1,12 +1,17 @@
 """Helpers shared by the tests: tiny configs and models built locally (nothing is downloaded)."""
 
+import importlib.metadata
+import importlib.util
 import json
+import os
 import random
 
+import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from modeling_polyglu import FFN_TYPES, PolyGLUConfig, PolyGLUForCausalLM
+from modeling_polyglu.activation_mixing import MIN_TRITON_VERSION, _major_minor
 from modeling_polyglu.presets import load_preset
 
 # every ffn_type, plus the variants whose options change the computation
@@ -81,3 +86,17 @@ def write_addition_dialogues(path, count: int, seed: int = 0) -> None:
             a, b = rng.randint(0, 20), rng.randint(0, 20)
             handle.write(json.dumps({"messages": [{"role": "user", "content": f"what is {a}+{b}?"},
                                                   {"role": "assistant", "content": str(a + b)}]}) + "\n")
+
+
+def require_usable_triton() -> None:
+    """Skip the calling test module where triton (>= MIN_TRITON_VERSION) or numpy is missing, or fail there when
+    POLYGLU_REQUIRE_TRITON=1 (call at module level)."""
+    problems = [f"{name} not installed" for name in ("triton", "numpy") if importlib.util.find_spec(name) is None]
+    if not problems:
+        found = importlib.metadata.version("triton")
+        if _major_minor(found) < MIN_TRITON_VERSION:
+            problems.append(f"triton {found} is older than the kernel needs ({'.'.join(map(str, MIN_TRITON_VERSION))})")
+    if problems:
+        if os.environ.get("POLYGLU_REQUIRE_TRITON", "0") not in ("", "0"):
+            raise ImportError(f"POLYGLU_REQUIRE_TRITON=1 but {'; '.join(problems)}")
+        pytest.skip("; ".join(problems), allow_module_level=True)
