@@ -94,7 +94,9 @@ def test_a_missing_training_extra_is_one_line_before_any_work(argv, missing, tmp
     completed = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=300)
     assert completed.returncode == 2, completed.stderr[-3000:]
     command = f"polyglu {argv[0]}"
-    assert completed.stderr.strip() == (f"{command}: error: {missing} is not installed, and {command} needs the training "
-                                        "extras: pip install 'polyglu[train]' (in a checkout: pip install -e '.[train]')")
+    assert completed.stderr.strip() == (
+        f"{command}: error: {missing} is not installed, and {command} needs the training extras: "
+        "pip install 'polyglu[train]' (in a checkout: pip install -e '.[train]')"
+    )
     assert "[1/4]" not in completed.stdout, "the demo started its pipeline before it found the missing module"
     assert not list(tmp_path.iterdir())
