@@ -36,7 +36,8 @@ def full_parameter(parameter: torch.Tensor) -> torch.Tensor:
 
 
 def copy_parameter(target: torch.nn.Parameter, source: torch.Tensor) -> None:
-    """target ← source, whole values; under ZeRO-3 both are gathered and rank 0's copy is partitioned back (collective)."""
+    """target ← source, whole values; under ZeRO-3 both are gathered and rank 0's copy is partitioned back
+    (a collective: call on every rank)."""
     partitioned = [tensor for tensor in (target, source) if hasattr(tensor, "ds_id")]
     if not partitioned:
         target.data.copy_(source.data)

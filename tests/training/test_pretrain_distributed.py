@@ -162,9 +162,10 @@ def test_zero3_builds_initial_models_partitioned_with_one_process_weights(tmp_pa
 
     require(ENGINE_PACKAGES["zero3"])
     output = tmp_path / "initial.safetensors"
+    child = REPO / "tests" / "training" / "zero3_initial_models.py"
     run_checked([
-        sys.executable, "-m", "accelerate.commands.launch", *accelerate_config("deepspeed_zero3"), "--num_processes", "2",
-        "--main_process_port", str(free_port()), str(REPO / "tests" / "training" / "zero3_initial_models.py"), str(output),
+        sys.executable, "-m", "accelerate.commands.launch", *accelerate_config("deepspeed_zero3"),
+        "--num_processes", "2", "--main_process_port", str(free_port()), str(child), str(output),
     ], tmp_path)
     saved = load_file(str(output))
     assert saved.pop("partitioned").item() == 1, "a ZeRO-3 rank built a whole parameter"
@@ -175,7 +176,8 @@ def test_zero3_builds_initial_models_partitioned_with_one_process_weights(tmp_pa
     }
     for prefix, model in expected.items():
         parameters = dict(model.named_parameters())
-        assert sorted(name for name in saved if name.startswith(f"{prefix}/")) == sorted(f"{prefix}/{name}" for name in parameters)
+        names = sorted(name for name in saved if name.startswith(f"{prefix}/"))
+        assert names == sorted(f"{prefix}/{name}" for name in parameters)
         for name, parameter in parameters.items():
             torch.testing.assert_close(saved[f"{prefix}/{name}"], parameter.detach(), rtol=0, atol=0, msg=name)
     # polyglu's layer-0 router takes draws swiglu's does not, so from layer 1 on only pairing makes the weights agree
