@@ -1,6 +1,5 @@
 """Helpers shared by the tests: tiny configs and models built locally (nothing is downloaded)."""
 
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -93,7 +92,9 @@ def require_usable_triton() -> None:
     POLYGLU_REQUIRE_TRITON=1 (call at module level)."""
     problems = [f"{name} not installed" for name in ("triton", "numpy") if importlib.util.find_spec(name) is None]
     if not problems:
-        found = importlib.metadata.version("triton")
+        import triton  # the version the package reads (activation_mixing.triton_kernel)
+
+        found = triton.__version__
         if _major_minor(found) < MIN_TRITON_VERSION:
             problems.append(f"triton {found} is older than the kernel needs ({'.'.join(map(str, MIN_TRITON_VERSION))})")
     if problems:
