@@ -305,6 +305,7 @@ def _cpu_kernel_for(gate, up, static_logits, token_logits, activations, normaliz
 
 MIXING_BACKENDS = ("fused", "triton")  # of mix_activations; the model's mixing_backend adds "naive"
 DISABLE_TRITON_ENV = "POLYGLU_DISABLE_TRITON_KERNEL"  # "fused" on CUDA then runs the torch.compile'd functions
+TILES_ENV = "POLYGLU_TRITON_TILES"  # tiles of the Triton programs instead of the defaults (tile_overrides)
 _TRITON = {}
 _TRITON_UNBUILDABLE = set()  # devices ("cuda:0") where a program failed to build or fit: "fused" skips Triton there
 

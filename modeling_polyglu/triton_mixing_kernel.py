@@ -43,6 +43,7 @@ except ImportError as error:
     raise ImportError("triton_mixing_kernel needs triton (pip install triton); without it mixing_backend='fused' "
                       "runs the torch path.") from error
 
+from .activation_mixing import TILES_ENV
 from .cpu_mixing_kernel import (
     ACTIVATION_CODES,
     FACTOR_FLOOR,
@@ -62,7 +63,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # what Triton raises where it cannot build or fit a program for the GPU (compilation, ptxas, shared memory): the
 # "fused" backend then falls back to the torch functions (activation_mixing.py); a failed launch is not among them
 BUILD_ERRORS = (triton.TritonError,)
-TILES_ENV = "POLYGLU_TRITON_TILES"  # tile sizes instead of the defaults: see tile_overrides()
 _TILE_SPEC = re.compile(r"(\d+)x(\d+)@(\d+)(?::(\d+))?")
 
 # coefficient layouts of the programs (the MODE constexpr)

@@ -26,13 +26,12 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ..activation_mixing import DISABLE_TRITON_ENV, mix_activations
+from ..activation_mixing import DISABLE_TRITON_ENV, TILES_ENV, mix_activations
 from ..configuration_polyglu import MIXING_FFN_TYPES
 from .harness import markdown_table, progress, ratio, run_interleaved, summarize_metric, time_vs_swiglu, timed, with_environment
 from .models import FFN_CASES_CUDA, project_mlp
 
 DEFAULT_REPEATS = 5
-TILES_ENV = "POLYGLU_TRITON_TILES"  # triton_mixing_kernel.TILES_ENV (that module imports only where triton does)
 # (hidden, intermediate, batch, tokens) in the interpreter: odd sizes, several programs at the sweep's tiles
 KERNEL_CASES_INTERPRETED = ((24, 40, 2, 12),)
 SWEEP_FFN_TYPES = ("polyglu", "moa")
