@@ -129,6 +129,29 @@ def reject_dora_with_tensor_parallelism(use_dora: bool, tensor_parallel: bool) -
         )
 
 
+# transformers' Trainer saves a model sharded at load time (from_pretrained with a tp_plan) from every rank, which the
+# collective gather of its shards needs, from 5.19 on, and a PEFT model around one from 5.20 on. Before, rank 0 alone
+# enters the gather and the run dies at its first save, after all its training (seen on 5.17, and LoRA on 5.19).
+TENSOR_PARALLEL_SAVING_TRANSFORMERS = {"full": "5.19", "peft": "5.20"}
+
+
+def reject_tensor_parallel_on_old_transformers(init_kwargs: dict, world_size: int, use_peft: bool,
+                                               transformers_version: str) -> None:
+    """Refuse, before any loading, a tensor-parallel run whose Trainer could not save what it trained."""
+    from packaging.version import Version
+
+    requested = init_kwargs.get("tp_plan") is not None or int(init_kwargs.get("tp_size") or 1) > 1
+    needed = TENSOR_PARALLEL_SAVING_TRANSFORMERS["peft" if use_peft else "full"]
+    if requested and world_size > 1 and Version(transformers_version) < Version(needed):
+        what = "LoRA on a tensor-parallel model" if use_peft else "tensor-parallel training"
+        raise ValueError(
+            f"{what} (tp_plan in --model_init_kwargs) needs transformers >= {needed}, found {transformers_version}: "
+            "its Trainer saves a sharded model from rank 0 alone, so the gather of the shards cannot complete and the "
+            f"run would die at its first save. pip install -U 'transformers>={needed}', or train with DDP, DeepSpeed "
+            "or FSDP."
+        )
+
+
 def reject_lora_target_parameters(target_parameters) -> None:
     if target_parameters:
         raise ValueError(

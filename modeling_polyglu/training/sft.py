@@ -129,6 +129,8 @@ def run_sft(script_args, training_args, model_args, routing_args, quiet: bool = 
 
     `quiet` keeps the console free of per-step log dictionaries (they still reach log_history and report_to).
     """
+    import transformers
+
     from .callbacks import add_routing_callbacks, remove_console_printers
     from .peft import (
         draw_lora_weights_by_name, finish_tensor_parallel_lora, is_tensor_parallel, lora_config_for,
@@ -139,6 +141,9 @@ def run_sft(script_args, training_args, model_args, routing_args, quiet: bool = 
 
     safeguards.reject_zero_max_steps(training_args.max_steps)
     safeguards.reject_bf16_mode_beside_deepspeed_autocast(training_args)
+    safeguards.reject_tensor_parallel_on_old_transformers(
+        training_args.model_init_kwargs or {}, training_args.world_size, model_args.use_peft, transformers.__version__
+    )
     from .saving import source_layout
 
     source_weights = source_layout(model_args.model_name_or_path)  # dtype and shard size to save in, read before training

@@ -59,9 +59,11 @@ def build_workspace(root: Path) -> SimpleNamespace:
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     tokenizer = build_chat_tokenizer(["0123456789+=? whatis"])
     torch.manual_seed(0)
+    # rows padded to a multiple of 8, as real tables are (Qwen3: 151936 rows for 151669 tokens): transformers 5.17
+    # gathers a tensor-parallel lm_head only when the TP size divides its rows (5.25 also shards 33 rows)
     qwen3 = Qwen3ForCausalLM(
         Qwen3Config(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            vocab_size=-(-len(tokenizer) // 8) * 8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
             tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         )

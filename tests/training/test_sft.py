@@ -4,6 +4,7 @@ Every run is a real `polyglu sft` (TRL SFTTrainer) on a tiny converted model and
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from modeling_polyglu import PolyGLUForCausalLM
 from modeling_polyglu.cli import main
 from modeling_polyglu.training.callbacks import RoutingArguments, tau_at
 from modeling_polyglu.training.routing_stats import routing_alerts
-from modeling_polyglu.training.safeguards import TrainingStoppedOnAlert
+from modeling_polyglu.training.safeguards import TrainingStoppedOnAlert, reject_tensor_parallel_on_old_transformers
 from modeling_polyglu.training.sft import build_parser, run_sft
 from modeling_polyglu.training.trainer import PolyGLUSFTTrainer
 
@@ -77,6 +78,24 @@ def test_lora_target_parameters_are_refused_in_one_line(workspace, tmp_path, cap
     printed = capsys.readouterr().err.strip().splitlines()
     assert "--lora_target_parameters puts LoRA on bare parameters" in printed[-1] and "Traceback" not in "\n".join(printed)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("use_peft, refused, taken", [
+    (False, ["5.17.0", "5.18.2"], ["5.19.0", "5.25.0", "5.26.0.dev0"]),
+    (True, ["5.17.0", "5.19.1"], ["5.20.0", "5.25.0"]),
+])
+def test_tensor_parallel_on_a_transformers_that_cannot_save_it_is_refused(use_peft, refused, taken):
+    tensor_parallel = {"tp_plan": "auto"}
+    for version in refused:
+        with pytest.raises(ValueError, match=rf"needs transformers >= 5\.(19|20), found {re.escape(version)}: .*"
+                                             r"pip install -U 'transformers>=5\.(19|20)'"):
+            reject_tensor_parallel_on_old_transformers(tensor_parallel, 2, use_peft, version)
+        with pytest.raises(ValueError):
+            reject_tensor_parallel_on_old_transformers({"tp_size": 2}, 2, use_peft, version)
+        reject_tensor_parallel_on_old_transformers(tensor_parallel, 1, use_peft, version)  # nothing is sharded
+        reject_tensor_parallel_on_old_transformers({"tp_plan": None, "tp_size": 1}, 2, use_peft, version)  # DDP
+    for version in taken:
+        reject_tensor_parallel_on_old_transformers(tensor_parallel, 2, use_peft, version)
 
 
 def test_monitor_logs_through_trainer_log_and_writes_the_report(workspace, tmp_path):

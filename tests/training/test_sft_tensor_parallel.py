@@ -20,6 +20,10 @@ is sharded, and moa, whose router is replicated) against LoRA on one process, re
 LoRA matrices gathered from the shards and the routers trained in full, which moved [test_tensor_parallel_lora_*].
 DoRA with a tensor-parallel model is refused on every rank in one line
 [test_dora_with_tensor_parallelism_is_refused_in_one_line].
+
+Under a transformers whose Trainer cannot save a sharded model (< 5.19; LoRA < 5.20: safeguards.py) those tests skip,
+and the run is refused on every rank in one line before loading, nothing written
+[test_tensor_parallel_on_old_transformers_is_refused_before_loading].
 """
 
 import json
@@ -29,7 +33,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from safetensors.torch import load_file
+
+from modeling_polyglu.training.safeguards import TENSOR_PARALLEL_SAVING_TRANSFORMERS
 
 from .distributed_runs import (
     MONITORED_STEPS, RECIPE, REPO, RUN_OVERRIDES, assert_refused_on_both_ranks, free_port, log_history, run_checked,
@@ -45,6 +53,14 @@ LORA_RECIPE = "polyglu_lora.yaml"
 LORA_FFN_TYPES = ("polyglu", "moa")
 
 
+def skip_unless_transformers_saves(kind: str) -> None:
+    """kind "full" or "peft": skip where this transformers' Trainer cannot save such a tensor-parallel run."""
+    needed = TENSOR_PARALLEL_SAVING_TRANSFORMERS[kind]
+    if Version(transformers.__version__) < Version(needed):
+        pytest.skip(f"transformers {transformers.__version__} cannot save this tensor-parallel run (>= {needed}); "
+                    "test_tensor_parallel_on_old_transformers_is_refused_before_loading checks the refusal")
+
+
 def tensor_parallel_command(workspace, recipe: str, output_dir, *overrides: str) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
@@ -54,6 +70,7 @@ def tensor_parallel_command(workspace, recipe: str, output_dir, *overrides: str)
 
 @pytest.fixture(scope="module")
 def runs(workspace):
+    skip_unless_transformers_saves("full")
     one, tensor_parallel = workspace.root / "tp_reference_one_process", workspace.root / "tp_sft"
     run_checked([sys.executable, "-m", "modeling_polyglu.cli", "sft", *sft_arguments(workspace, RECIPE, one, *OVERRIDES)], one)
     result = run_checked(tensor_parallel_command(workspace, RECIPE, tensor_parallel, *OVERRIDES), tensor_parallel)
@@ -63,6 +80,7 @@ def runs(workspace):
 @pytest.fixture(scope="module", params=LORA_FFN_TYPES)
 def lora_model(request, workspace):
     """(ffn_type, the workspace with that model): polyglu's α is sharded on d_ff, moa's router is replicated."""
+    skip_unless_transformers_saves("peft")
     if request.param == "polyglu":
         return request.param, workspace
     from modeling_polyglu.conversion.qwen3 import convert_qwen3
@@ -160,8 +178,23 @@ def test_tensor_parallel_lora_saves_the_adapter_of_one_process(lora_runs, lora_m
 
 def test_dora_with_tensor_parallelism_is_refused_in_one_line(workspace):
     # PEFT takes DoRA's weight norms of the sharded weight plus a local LoRA product, which DTensor cannot add
+    skip_unless_transformers_saves("peft")
     output_dir = workspace.root / "tp_dora"
     command = tensor_parallel_command(workspace, LORA_RECIPE, output_dir, "--dtype", "float32", "--max_steps", "1",
                                       "--use_dora", "true")
     assert_refused_on_both_ranks(command, output_dir, "polyglu sft: error: --use_dora does not work with a tensor-parallel model")
     assert not (output_dir / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind", ["full", "peft"])
+def test_tensor_parallel_on_old_transformers_is_refused_before_loading(workspace, kind):
+    needed = TENSOR_PARALLEL_SAVING_TRANSFORMERS[kind]
+    if Version(transformers.__version__) >= Version(needed):
+        pytest.skip(f"transformers {transformers.__version__} saves this tensor-parallel run (the tests above)")
+    output_dir = workspace.root / f"tp_refused_{kind}"
+    recipe, extra = (LORA_RECIPE, ("--dtype", "float32")) if kind == "peft" else (RECIPE, ())
+    command = tensor_parallel_command(workspace, recipe, output_dir, *extra, "--max_steps", "1")
+    what = "LoRA on a tensor-parallel model" if kind == "peft" else "tensor-parallel training"
+    message = f"polyglu sft: error: {what} (tp_plan in --model_init_kwargs) needs transformers >= {needed}, found "
+    assert_refused_on_both_ranks(command, output_dir, message + transformers.__version__)
+    assert not output_dir.exists() or not any(output_dir.iterdir())
