@@ -64,12 +64,19 @@ def _fp32_master(parameter: torch.Tensor, deepspeed_enabled: bool) -> torch.Tens
     return full_parameter(parameter).float().cpu()
 
 
-def router_state_in_fp32(model, state_dict: dict, deepspeed_enabled: bool) -> dict:
+def router_fp32_masters(model) -> dict:
+    """{name: fp32 value} of every router parameter, DeepSpeed's fp32 master where there is one (a collective under
+    ZeRO-1/2/3: call on every rank)."""
+    base = unwrap_polyglu_model(model)
+    return {name: _fp32_master(parameter, True) for name, parameter in base.named_parameters() if is_router_parameter(name)}
+
+
+def router_state_in_fp32(model, state_dict: dict, deepspeed_enabled: bool, masters: Optional[dict] = None) -> dict:
     """`state_dict` with every router entry replaced by its fp32 value: DeepSpeed's fp32 master where there is one.
 
-    Call on every rank (the masters are gathered collectively); `state_dict` is None or empty on ranks that do not
-    save (ZeRO-3 consolidates it on rank 0 only). Only DeepSpeed gathers; elsewhere routers are fp32 parameters and
-    a non-fp32 entry is cast.
+    Under DeepSpeed, `masters` are router_fp32_masters(model), gathered beforehand on every rank; without them they
+    are gathered here, so call on every rank. `state_dict` is None or empty on ranks that do not save (ZeRO-3
+    consolidates it on rank 0 only). Elsewhere routers are fp32 parameters and a non-fp32 entry is cast.
     """
     if not deepspeed_enabled:
         if state_dict is None:
@@ -78,8 +85,7 @@ def router_state_in_fp32(model, state_dict: dict, deepspeed_enabled: bool) -> di
             name: value.float() if is_router_parameter(name) and value.is_floating_point() else value
             for name, value in state_dict.items()
         }
-    base = unwrap_polyglu_model(model)
-    masters = {name: _fp32_master(parameter, True) for name, parameter in base.named_parameters() if is_router_parameter(name)}
+    masters = router_fp32_masters(model) if masters is None else masters
     if state_dict is None:
         return None
     return {name: masters.get(name, value) for name, value in state_dict.items()}
@@ -103,10 +109,19 @@ class RoutersSavedInFp32Mixin:
     """For any Trainer subclass: saved checkpoints hold the routers in fp32 (DeepSpeed's masters under bf16), and tied
     weights once, whichever engine gathered the state dict."""
 
+    def save_model(self, output_dir=None, _internal_call=False):
+        # every rank gathers DeepSpeed's masters here, before the Trainer's own save: transformers < 5.23 calls _save
+        # under DeepSpeed on the saving rank alone, where a gather inside it waits for the others forever
+        self._router_masters = router_fp32_masters(self.model) if self.is_deepspeed_enabled else None
+        try:
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        finally:
+            self._router_masters = None
+
     def _save(self, output_dir=None, state_dict=None):
-        # every rank gathers under DeepSpeed, also those whose state dict is None; without DeepSpeed and without a
-        # state dict the model's own (fp32) routers are saved
-        state_dict = router_state_in_fp32(self.model, state_dict, self.is_deepspeed_enabled)
+        # without DeepSpeed and without a state dict the model's own (fp32) routers are saved
+        masters = getattr(self, "_router_masters", None)
+        state_dict = router_state_in_fp32(self.model, state_dict, self.is_deepspeed_enabled, masters)
         return super()._save(output_dir, state_dict=without_tied_copies(self.model, state_dict))
 
 
