@@ -434,12 +434,13 @@ class PolyGLURouter(nn.Module):
         self.vllm_running_mean = None  # vLLM attention layers holding causal pooling's state, when vLLM serves it
         self.vllm_alpha_rows = None  # under vLLM tensor parallelism: the rows of α for this rank's slice of d_ff
 
-    def initialize_parameters(self, initializer_range: float):
+    def initialize_parameters(self, initializer_range: float, children: bool = True):
         init.copy_(self.alpha, _like(self.preference, self.alpha).expand_as(self.alpha))
         init.ones_(self.beta)
-        for linear in (self.proj_in, self.proj_out):
-            init.normal_(linear.weight, mean=0.0, std=initializer_range)
-            init.zeros_(linear.bias)
+        if children:  # what transformers' init gives a Linear: N(0, initializer_range), zero bias
+            for linear in (self.proj_in, self.proj_out):
+                init.normal_(linear.weight, mean=0.0, std=initializer_range)
+                init.zeros_(linear.bias)
 
     def forward(self, hidden_states, routing_context, cache=None, layer_idx=None):
         pooling = self.config.routing_pooling
@@ -493,7 +494,7 @@ class TokenRouter(nn.Module):
         self.bias = nn.Parameter(torch.zeros(len(activations), dtype=ROUTER_DTYPE))
         self.preference = preference_logits(activations, config.router_init_activation, config.router_init_strength)
 
-    def initialize_parameters(self, initializer_range: float):
+    def initialize_parameters(self, initializer_range: float, children: bool = True):
         init.normal_(self.weight, mean=0.0, std=initializer_range)
         init.copy_(self.bias, _like(self.preference, self.bias))
 
@@ -523,7 +524,7 @@ class LayerMixingWeights(nn.Module):
             return cls([1.0 / len(activations)] * len(activations))
         return cls(preference_logits(activations, config.router_init_activation, 1.0))  # one-hot
 
-    def initialize_parameters(self, initializer_range: float):
+    def initialize_parameters(self, initializer_range: float, children: bool = True):
         init.copy_(self.weights, _like(self.initial, self.weights))
 
     def forward(self, hidden_states, routing_context=None, cache=None, layer_idx=None):
@@ -540,9 +541,10 @@ class DynamicGEGLUGate(nn.Module):
         self.scale = nn.Parameter(torch.full((1,), float(config.dynamic_geglu_scale_init), dtype=ROUTER_DTYPE))
         self.bias = nn.Parameter(torch.full((1,), float(config.dynamic_geglu_bias_init), dtype=ROUTER_DTYPE))
 
-    def initialize_parameters(self, initializer_range: float):
-        init.ones_(self.norm.weight)
-        init.zeros_(self.norm.bias)
+    def initialize_parameters(self, initializer_range: float, children: bool = True):
+        if children:  # what transformers' init gives a LayerNorm
+            init.ones_(self.norm.weight)
+            init.zeros_(self.norm.bias)
         init.constant_(self.scale, float(self.config.dynamic_geglu_scale_init))
         init.constant_(self.bias, float(self.config.dynamic_geglu_bias_init))
 
@@ -562,7 +564,7 @@ class StaticEqualMixing(nn.Module):
     def forward(self, hidden_states, routing_context=None, cache=None, layer_idx=None):
         return hidden_states.new_zeros(1, 1, 1, self.num_activations, dtype=torch.float32), None
 
-    def initialize_parameters(self, initializer_range: float):
+    def initialize_parameters(self, initializer_range: float, children: bool = True):
         pass  # no parameters
 
 
@@ -1024,7 +1026,10 @@ class PolyGLUPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, ROUTER_CLASSES):
-            module.initialize_parameters(self.config.initializer_range)
+            # a router's own parameters only: its projections and norm get transformers' init as modules of their
+            # own. Under ZeRO-3, transformers 5.17 gathers only a module's own parameters for its init, so writes
+            # into a child's would be lost there, and the same seed would build other weights than on one process.
+            module.initialize_parameters(self.config.initializer_range, children=False)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # transformers writes an auto_map entry only for the class being saved; list every Auto class so that
