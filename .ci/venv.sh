@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Usage: .ci/venv.sh NAME CONSTRAINTS_FILE REQUIREMENT...
 # Prints the python of a venv holding REQUIREMENT... pinned by CONSTRAINTS_FILE (a REQUIREMENT may carry pip options,
-# e.g. "--no-deps transformers==X": each is split into words, never globbed). The venv lives in
-# ${POLYGLU_CI_CACHE:-~/.cache/polyglu-ci} under a key of its inputs, and is reused while they are unchanged; it is
-# built beside its final place and renamed when complete, so an interrupted build is never reused.
+# e.g. "-c more-constraints.txt deepspeed": each is split into words, never globbed). The venv lives in
+# ${POLYGLU_CI_CACHE:-~/.cache/polyglu-ci} under a key of its inputs (a file among the words included), and is reused
+# while they are unchanged; it is built beside its final place and renamed when complete, so an interrupted build is
+# never reused.
 # POLYGLU_VENV_OPTIONS (e.g. --system-site-packages) go to `python -m venv` and into the key; POLYGLU_VENV_PYTHON
 # (default python) is the interpreter the venv is made from.
 set -euo pipefail -o noglob
@@ -12,7 +13,9 @@ shift 2
 cache=${POLYGLU_CI_CACHE:-$HOME/.cache/polyglu-ci}
 venv_options=${POLYGLU_VENV_OPTIONS:-}
 venv_python=${POLYGLU_VENV_PYTHON:-python}
-key=$( { "$venv_python" --version; cat "$constraints"; echo "$venv_options" "$@"; } 2>&1 | sha256sum | cut -c1-16)
+# shellcheck disable=SC2048  # the words of every requirement: a file among them (a -c constraints file) is keyed too
+key=$( { "$venv_python" --version; cat "$constraints"; echo "$venv_options" "$@"
+         for word in $*; do if [ -f "$word" ]; then cat "$word"; fi; done; } 2>&1 | sha256sum | cut -c1-16)
 venv="$cache/venv-$name-$key"
 if [ ! -x "$venv/bin/python" ]; then
     mkdir -p "$cache"
