@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .conversion.staging import atomic_directory, is_model_directory
+from .conversion.staging import atomic_directory, is_model_directory, write_text_atomically
 from .char_tokenizer import build_chat_tokenizer
 from .conversion.qwen3 import convert_qwen3
 from .conversion.remote_code import generate_in_fresh_process
@@ -168,7 +168,7 @@ def run_demo(
         "wall_seconds": time.perf_counter() - started,
     }
     _print_summary(summary, final, log)
-    (final / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomically(final / "demo_summary.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from modeling_polyglu.conversion.staging import DestinationExistsError, atomic_directory
+from modeling_polyglu.conversion.staging import DestinationExistsError, atomic_directory, write_file_atomically
 from modeling_polyglu.cli import main
 
 
@@ -68,6 +68,23 @@ def test_atomic_directory_replaces_only_when_asked(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def test_a_file_is_replaced_only_by_a_complete_write(tmp_path):
+    report = tmp_path / "routing_report.json"
+    write_file_atomically(report, lambda staging: staging.write_text('{"step": 1}'))
+    assert report.read_text() == '{"step": 1}'
+
+    def interrupted(staging):
+        staging.write_text('{"st')
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_file_atomically(report, interrupted)
+    assert report.read_text() == '{"step": 1}'  # the last complete report, not half of the next
+    assert [path.name for path in tmp_path.iterdir()] == ["routing_report.json"]
+    write_file_atomically(report, lambda staging: staging.write_text('{"step": 2}'))
+    assert report.read_text() == '{"step": 2}'
+
+
 def test_the_training_extra_modules_are_setup_cfgs_train_extra():
     import configparser
 
@@ -83,7 +100,6 @@ def test_the_training_extra_modules_are_setup_cfgs_train_extra():
 @pytest.mark.parametrize("argv, missing", [
     (["sft", "--help"], "trl"),
     (["compare", "--help"], "trl"),
-    (["inspect", "no-such-checkpoint"], "matplotlib"),
     (["demo", "--output-dir", "{tmp}/demo"], "datasets"),
 ])
 def test_a_missing_training_extra_is_one_line_before_any_work(argv, missing, tmp_path):

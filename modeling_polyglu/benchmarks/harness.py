@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from .. import activation_mixing, cpu_mixing_kernel
+from ..conversion.staging import write_text_atomically
 
 RECOMPILE_LIMIT = 64
 
@@ -320,4 +321,4 @@ def model_label(sizes: dict) -> str:
 
 def write_json(results: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
+    write_text_atomically(path, json.dumps(results, indent=2, allow_nan=True) + "\n")

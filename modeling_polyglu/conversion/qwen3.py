@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 
 from .staging import atomic_directory
 from .checkpoint_io import (
-    INDEX_FILE,
     CheckpointError,
     copy_tokenizer_and_generation_config,
     iter_shard_tensors,
@@ -151,10 +150,10 @@ def expected_qwen3_shapes(config: PolyGLUConfig) -> dict[str, tuple]:
     return shapes
 
 
-def _validate_source_tensors(shards: Sequence[Path], config: PolyGLUConfig) -> dict[str, Path]:
-    """Check names and shapes from the shard headers; return {tensor name: shard}."""
+def _validate_source_tensors(shards: Sequence[Path], config: PolyGLUConfig) -> None:
+    """Check names and shapes from the shard headers: every expected tensor once, nothing else."""
     expected = expected_qwen3_shapes(config)
-    located = {}
+    located = set()
     for shard in shards:
         shapes, _ = shard_header(shard)
         for name, shape in shapes.items():
@@ -166,11 +165,10 @@ def _validate_source_tensors(shards: Sequence[Path], config: PolyGLUConfig) -> d
                 expected_shape = expected[name]
             if shape != expected_shape:
                 raise CheckpointError(f"{shard}: tensor {name!r} has shape {list(shape)}, config says {list(expected_shape)}")
-            located[name] = shard
+            located.add(name)
     missing = [name for name in expected if name not in located]
     if missing:
         raise CheckpointError(f"{shards[0].parent}: {len(missing)} tensor(s) missing, e.g. {missing[0]!r}")
-    return located
 
 
 def polyglu_config_from_qwen3(
@@ -246,7 +244,7 @@ def convert_qwen3(
     for layer in converted:  # every converted router must be able to honour the preference
         mixer_spec(config, config.ffn_type_of_layer(layer))
     shards = safetensors_shards(source)
-    located = _validate_source_tensors(shards, config)
+    _validate_source_tensors(shards, config)
     report = ConversionReport(destination, converted, ffn_type, warnings=_preservation_warnings(ffn_type, config))
     for note in report.warnings:
         log(f"warning: {note}")

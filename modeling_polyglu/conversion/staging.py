@@ -156,3 +156,23 @@ def atomic_directory(destination, overwrite: bool = False, sources: Iterable = (
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_file_atomically(path, write: Callable[[Path], None]) -> Path:
+    """Call `write(staging_path)` on a sibling of `path`, then move that file to `path`: a reader, a crash or a
+    full disk never leaves a half-written file where the last complete one was (reports rewritten during training).
+
+    The staging name keeps the suffix (`.tmp-<pid>-<name>`), so writers that infer a format from it (matplotlib) work.
+    """
+    path = Path(path)
+    staging = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        write(staging)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)  # only left after a failed write
+    return path
+
+
+def write_text_atomically(path, text: str) -> Path:
+    return write_file_atomically(path, lambda staging: staging.write_text(text))

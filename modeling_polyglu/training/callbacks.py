@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-
-from .reports import write_routing_report
+from ..conversion.staging import write_file_atomically, write_text_atomically
+from .reports import plots_available, write_routing_report
 from .routing_stats import (
     RoutingProbe, concatenate_snapshot, probe_batches, routing_alerts, tensor_parallel_size, unwrap_polyglu_model,
 )
@@ -225,6 +225,9 @@ class RoutingMonitorCallback(TrainerCallback):
                 f"run), at the start, every {self.arguments.routing_monitor_steps} steps and at the end "
                 "(--routing_monitor_steps; 0 turns monitoring off)."
             )
+            if not plots_available():
+                tqdm.write("Routing monitor: matplotlib is not installed, so routing_report.json comes without its "
+                           "plots (pip install matplotlib).")
         if resumed:
             # resumed run: compare against the original start, not the checkpoint
             self.snapshot = load_file(str(snapshot_path))
@@ -236,10 +239,13 @@ class RoutingMonitorCallback(TrainerCallback):
             self.snapshot = concatenate_snapshot(snapshot)
             self.initial_metrics = metrics
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            save_file({key: value.contiguous() for key, value in self.snapshot.items()}, str(snapshot_path),
-                      metadata={"probe_tokens": str(self.probe_tokens)})
+            tensors = {key: value.contiguous() for key, value in self.snapshot.items()}
+            # staged: a resumed run trusts any snapshot it finds
+            write_file_atomically(snapshot_path, lambda staging: save_file(
+                tensors, str(staging), metadata={"probe_tokens": str(self.probe_tokens)}
+            ))
             if self.trainer.is_world_process_zero():
-                metrics_path.write_text(json.dumps(metrics, indent=2))
+                write_text_atomically(metrics_path, json.dumps(metrics, indent=2))
         self.trainer.log(dict(metrics))
         self._print_summary(state.global_step, metrics, [])
 

@@ -16,7 +16,6 @@
 """
 
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,9 @@ from typing import Optional
 import torch
 
 from ..configuration_polyglu import FFN_TYPES
+from ..conversion.staging import write_text_atomically
 from .pretrain import check_config_fields
+from .reports import plots_available, pyplot, save_figure
 from .statistics import interval_excludes_zero, mean, paired_t_interval, sample_std
 
 COMPARISON_JSON = "comparison.json"
@@ -222,11 +223,7 @@ def comparison_markdown(comparison: dict) -> str:
 
 def plot_loss_curves(runs: list[dict], variants: list[str], path: Path) -> None:
     """Eval loss vs step: mean over seeds per variant with a ±1 std band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for variant in variants:
         curves = [dict(map(tuple, run["eval_loss_history"])) for run in runs if run["ffn_type"] == variant]
@@ -244,16 +241,7 @@ def plot_loss_curves(runs: list[dict], variants: list[str], path: Path) -> None:
     axis.legend()
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    staging = path.with_name(f".tmp-{path.name}")
-    figure.savefig(staging, format="png", dpi=120)
-    plt.close(figure)
-    os.replace(staging, path)
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    staging = path.with_name(f".tmp-{path.name}")
-    staging.write_text(text)
-    os.replace(staging, path)
+    save_figure(plt, figure, path, dpi=120)
 
 
 def build_parser():
@@ -350,9 +338,13 @@ def run_compare(argv: list[str]) -> dict:
         "summary": summarise(runs, compare_args.baseline, compare_args.variants()),
     }
     output_dir.mkdir(parents=True, exist_ok=True)
-    _write_text_atomically(output_dir / COMPARISON_JSON, json.dumps(comparison, indent=2))
-    _write_text_atomically(output_dir / COMPARISON_MARKDOWN, comparison_markdown(comparison))
-    plot_loss_curves(runs, compare_args.variants(), output_dir / LOSS_CURVES)
+    write_text_atomically(output_dir / COMPARISON_JSON, json.dumps(comparison, indent=2))
+    write_text_atomically(output_dir / COMPARISON_MARKDOWN, comparison_markdown(comparison))
+    if plots_available():
+        plot_loss_curves(runs, compare_args.variants(), output_dir / LOSS_CURVES)
+    else:
+        print(f"polyglu compare: matplotlib is not installed, so {LOSS_CURVES} was not drawn (pip install matplotlib).",
+              file=sys.stderr)
     return comparison
 
 

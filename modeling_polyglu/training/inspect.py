@@ -3,13 +3,14 @@
 Works for every PolyGLU-family checkpoint, imported PolychromaticLM ones included: it measures what the model does in
 eval mode (real pooling, real τ, no noise) on probe text — `--text FILE` (one example per line), `--dataset` (a
 local JSONL file in the SFT formats, or a Hub dataset name), or a built-in paragraph — and writes
-`routing_report.json` and `routing_usage_heatmap.png` to `--output-dir` (default: DIR/routing_inspect).
+`routing_report.json` and `routing_usage_heatmap.png` (where matplotlib is installed) to `--output-dir` (default:
+DIR/routing_inspect).
 """
 
 from pathlib import Path
 from typing import Optional
 
-from .reports import per_layer_lines, write_routing_report
+from .reports import per_layer_lines, plots_available, write_routing_report
 from .routing_stats import RoutingProbe, probe_batches, tokenize_probe, unwrap_polyglu_model
 
 BUILT_IN_TEXT = [
@@ -62,4 +63,6 @@ def inspect_checkpoint(
         log("  " + line)
     for name, path in written.items():
         log(f"  {name}: {path}")
+    if not plots_available():
+        log("  heatmap: not drawn, matplotlib is not installed (pip install matplotlib)")
     return {"metrics": metrics, "written": written}

@@ -21,7 +21,6 @@ import difflib
 import functools
 import json
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from ..conversion.staging import write_text_atomically
 from .pretrain_data import EMBEDDED_DATASET
 
 RUN_SUMMARY_FILE = "run_summary.json"
@@ -246,12 +246,6 @@ def complete_checkpoints(output_dir) -> list[Path]:
     return [folder for _, folder in sorted(folders)]
 
 
-def _write_json_atomically(path: Path, value) -> None:
-    staging = path.with_name(f".tmp-{path.name}")
-    staging.write_text(json.dumps(value, indent=2))
-    os.replace(staging, path)
-
-
 def read_run_summary(output_dir) -> Optional[dict]:
     path = Path(output_dir) / RUN_SUMMARY_FILE
     return json.loads(path.read_text()) if path.is_file() else None
@@ -350,7 +344,7 @@ def run_pretrain(arguments: PretrainArguments, training_args, routing_args, mode
             f"Trained with `polyglu pretrain` on {arguments.dataset} for {trainer.state.global_step} steps "
             f"({summary['tokens_per_step']} tokens per step); final held-out loss {summary['final_eval_loss']}.",
         )
-        _write_json_atomically(Path(training_args.output_dir) / RUN_SUMMARY_FILE, summary)
+        write_text_atomically(Path(training_args.output_dir) / RUN_SUMMARY_FILE, json.dumps(summary, indent=2))
     return summary
 
 

@@ -1,14 +1,15 @@
-"""Routing reports people look at: `routing_report.json` plus PNG plots (usage heatmap, entropy and drift over steps)."""
+"""Routing reports people look at: `routing_report.json` plus PNG plots (usage heatmap, entropy and drift over steps).
 
+Every file is written beside its destination and moved into place (the monitor rewrites them during training).
+The plots need matplotlib (the training extras); without it the JSON report is still written.
+"""
+
+import importlib.util
 import json
 from pathlib import Path
 from typing import Optional
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from ..conversion.staging import write_file_atomically, write_text_atomically
 
 REPORT_FILE = "routing_report.json"
 HEATMAP_FILE = "routing_usage_heatmap.png"
@@ -19,6 +20,24 @@ KL_FILE = "routing_kl.png"
 
 def _layer_index(key: str) -> int:
     return int(key.split("/")[1].split("_")[1])
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only backend, imported where a plot is drawn (the JSON needs none of it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(plt, figure, path: Path, dpi: int = 110) -> Path:
+    """Write a figure as the PNG at `path` (staged, then moved into place) and free it."""
+    try:
+        return write_file_atomically(path, lambda staging: figure.savefig(staging, dpi=dpi))
+    finally:
+        plt.close(figure)
 
 
 def usage_table(metrics: dict, statistic: str = "usage_mean") -> tuple[list[int], list[str], list[list[float]]]:
@@ -51,6 +70,7 @@ def plot_usage_heatmap(metrics: dict, path: Path, title: str) -> Optional[Path]:
     layers, activations, rows = usage_table(metrics)
     if not layers:
         return None
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(2.4 + 1.1 * len(activations), 1.4 + 0.4 * len(layers)))
     image = axis.imshow(rows, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
     axis.set_xticks(range(len(activations)), activations)
@@ -62,9 +82,7 @@ def plot_usage_heatmap(metrics: dict, path: Path, title: str) -> Optional[Path]:
     axis.set_title(title)
     figure.colorbar(image, ax=axis, label="mean routing probability")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(plt, figure, path)
 
 
 def layer_step_grid(history: list[dict], statistic: str) -> tuple[list[int], list[int], list[list[float]]]:
@@ -106,6 +124,9 @@ def _plot_series(history: list[dict], statistic: str, path: Path, ylabel: str, t
     layers, steps, grid = layer_step_grid(history, statistic)
     if not layers or not steps:
         return None
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     figure, (line_axis, heat_axis) = plt.subplots(
         2, 1, sharex=True, figsize=(7.5, 2.6 + 0.12 * len(layers)), height_ratios=(1, max(1.5, 0.08 * len(layers))),
         layout="constrained",
@@ -135,19 +156,22 @@ def _plot_series(history: list[dict], statistic: str, path: Path, ylabel: str, t
     heat_axis.yaxis.set_major_locator(MaxNLocator(integer=True))
     heat_axis.invert_yaxis()  # layer 0 at the top, as in the usage heatmap
     figure.colorbar(mesh, ax=heat_axis, label=ylabel)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(plt, figure, path)
+
+
+def plots_available() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def write_routing_report(output_dir, history: list[dict], extra: Optional[dict] = None) -> dict:
-    """Write the JSON report and the plots; return {name: path} of what was written."""
+    """Write the JSON report and, where matplotlib is installed, the plots; return {name: path} of what was written."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = history[-1]["metrics"] if history else {}
     report = {"final": final, "history": history, **(extra or {})}
-    written = {"report": output_dir / REPORT_FILE}
-    written["report"].write_text(json.dumps(report, indent=2))
+    written = {"report": write_text_atomically(output_dir / REPORT_FILE, json.dumps(report, indent=2))}
+    if not plots_available():
+        return {name: str(path) for name, path in written.items()}
     heatmap = plot_usage_heatmap(final, output_dir / HEATMAP_FILE, "Applied routing per layer (eval, noise-free)")
     if heatmap:
         written["heatmap"] = heatmap

@@ -4,7 +4,6 @@ The oracle is tests/reference_polychromatic.py, an independent implementation of
 checkpoints are small random reference-format files with routing far from its initialisation.
 """
 
-import pickle
 import sys
 import types
 

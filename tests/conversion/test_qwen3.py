@@ -4,7 +4,6 @@ transformers' own Qwen3ForCausalLM (tiny, random, saved locally) is the source a
 """
 
 import json
-import os
 import shutil
 import signal
 import subprocess

@@ -1,11 +1,14 @@
 """Routing reports for real depths: layer × step heatmaps with integer steps and 0-based axes, a per-layer table."""
 
+import json
 import math
+import sys
 
 from modeling_polyglu.training.reports import (
     DRIFT_FILE,
     ENTROPY_FILE,
     KL_FILE,
+    REPORT_FILE,
     axis_top,
     layer_step_grid,
     per_layer_lines,
@@ -59,3 +62,11 @@ def test_per_layer_table_names_the_top_activation_and_its_share():
     assert lines[1].split() == ["0", "0.0000", "gelu", "80.0%"]
     assert lines[2].split() == ["1", f"{1 / LAYERS:.4f}", "silu", "90.0%"]
     assert per_layer_lines({"routing/entropy": math.nan}) == []
+
+
+def test_without_matplotlib_only_the_json_report_is_written(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what importing it raises where it is not installed
+    written = write_routing_report(tmp_path, history_of([0, 3]))
+    assert list(written) == ["report"]
+    assert [path.name for path in tmp_path.iterdir()] == [REPORT_FILE]
+    assert json.loads((tmp_path / REPORT_FILE).read_text())["final"]["routing/entropy"] == 0.5

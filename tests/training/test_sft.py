@@ -5,6 +5,7 @@ Every run is a real `polyglu sft` (TRL SFTTrainer) on a tiny converted model and
 
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -209,3 +210,12 @@ def test_inspect_reports_any_checkpoint(workspace, tmp_path, capsys):
     assert (tmp_path / "report" / "routing_usage_heatmap.png").is_file()
     printed = capsys.readouterr().out
     assert "top activation" in printed and len([line for line in printed.splitlines() if "%" in line]) == 2  # 2 layers
+
+
+def test_inspect_writes_the_json_report_without_matplotlib(workspace, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what importing it raises where it is not installed
+    assert main(["inspect", str(workspace / "polyglu"), "--output-dir", str(tmp_path / "report")]) == 0
+    assert sorted(path.name for path in (tmp_path / "report").iterdir()) == ["routing_report.json"]
+    report = json.loads((tmp_path / "report" / "routing_report.json").read_text())
+    assert 0.0 <= report["final"]["routing/entropy"] <= 1.0
+    assert "heatmap: not drawn, matplotlib is not installed (pip install matplotlib)" in capsys.readouterr().out
