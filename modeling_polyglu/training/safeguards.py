@@ -135,12 +135,22 @@ def reject_dora_with_tensor_parallelism(use_dora: bool, tensor_parallel: bool) -
 TENSOR_PARALLEL_SAVING_TRANSFORMERS = {"full": "5.19", "peft": "5.20"}
 
 
+def tensor_parallelism_requested(init_kwargs: dict) -> bool:
+    """Does --model_init_kwargs shard the model at load time: a tp_plan or tp_size > 1, standalone (TRL's idiom) or
+    inside "distributed_config" (a JSON object or a DistributedConfig)?"""
+    config = init_kwargs.get("distributed_config")
+    fields = config if isinstance(config, dict) else vars(config) if config is not None else {}
+    return any(
+        source.get("tp_plan") is not None or int(source.get("tp_size") or 1) > 1 for source in (init_kwargs, fields)
+    )
+
+
 def reject_tensor_parallel_on_old_transformers(init_kwargs: dict, world_size: int, use_peft: bool,
                                                transformers_version: str) -> None:
     """Refuse, before any loading, a tensor-parallel run whose Trainer could not save what it trained."""
     from packaging.version import Version
 
-    requested = init_kwargs.get("tp_plan") is not None or int(init_kwargs.get("tp_size") or 1) > 1
+    requested = tensor_parallelism_requested(init_kwargs)
     needed = TENSOR_PARALLEL_SAVING_TRANSFORMERS["peft" if use_peft else "full"]
     if requested and world_size > 1 and Version(transformers_version) < Version(needed):
         what = "LoRA on a tensor-parallel model" if use_peft else "tensor-parallel training"

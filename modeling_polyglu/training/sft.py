@@ -18,7 +18,6 @@ import os
 import sys
 from pathlib import Path
 
-
 import torch
 
 from . import safeguards
@@ -100,6 +99,35 @@ def _split_probe(dataset, script_args, routing_args, seed: int):
 
 
 
+STANDALONE_TENSOR_PARALLEL_KEYS = ("tp_plan", "tp_size")
+
+
+def with_distributed_config(init_kwargs: dict) -> dict:
+    """`init_kwargs` for from_pretrained, with tp_plan/tp_size (TRL's idiom) or a "distributed_config" JSON object
+    turned into the transformers.DistributedConfig it expects: from_pretrained takes no dict there, and it deprecates
+    the standalone arguments (5.17-5.25 warn, and build the same DistributedConfig from them)."""
+    standalone = {key: init_kwargs[key] for key in STANDALONE_TENSOR_PARALLEL_KEYS if init_kwargs.get(key) is not None}
+    given = init_kwargs.get("distributed_config")
+    if not standalone and not isinstance(given, dict):
+        return {key: value for key, value in init_kwargs.items() if key not in STANDALONE_TENSOR_PARALLEL_KEYS}
+    if standalone and given is not None:
+        raise ValueError(
+            f"--model_init_kwargs has both {' and '.join(standalone)} and distributed_config; put everything in one, "
+            'e.g. {"distributed_config": {"tp_plan": "auto"}}.'
+        )
+    from transformers import DistributedConfig
+
+    fields = given if isinstance(given, dict) else standalone
+    try:
+        config = DistributedConfig(**fields)
+    except TypeError as error:  # an unknown field
+        raise ValueError(f"--model_init_kwargs distributed_config {fields}: {error}; see transformers.DistributedConfig "
+                         "for its fields.") from None
+    rest = {key: value for key, value in init_kwargs.items()
+            if key not in (*STANDALONE_TENSOR_PARALLEL_KEYS, "distributed_config")}
+    return {**rest, "distributed_config": config}
+
+
 def load_model_and_tokenizer(model_args, training_args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -108,7 +136,7 @@ def load_model_and_tokenizer(model_args, training_args):
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     # SFTConfig.model_init_kwargs reach from_pretrained as with TRL's own loading (e.g. {"tp_plan": "auto"} for
     # tensor parallelism under torchrun); the trainer gets an instance, so it must not see them again
-    init_kwargs = dict(getattr(training_args, "model_init_kwargs", None) or {})
+    init_kwargs = with_distributed_config(dict(getattr(training_args, "model_init_kwargs", None) or {}))
     training_args.model_init_kwargs = None
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path,

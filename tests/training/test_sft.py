@@ -15,7 +15,7 @@ from modeling_polyglu.cli import main
 from modeling_polyglu.training.callbacks import RoutingArguments, tau_at
 from modeling_polyglu.training.routing_stats import routing_alerts
 from modeling_polyglu.training.safeguards import TrainingStoppedOnAlert, reject_tensor_parallel_on_old_transformers
-from modeling_polyglu.training.sft import build_parser, run_sft
+from modeling_polyglu.training.sft import build_parser, run_sft, with_distributed_config
 from modeling_polyglu.training.trainer import PolyGLUSFTTrainer
 
 from ..utils import write_addition_dialogues, write_converted_chat_models
@@ -97,6 +97,28 @@ def test_tensor_parallel_on_a_transformers_that_cannot_save_it_is_refused(use_pe
         reject_tensor_parallel_on_old_transformers({"tp_plan": None, "tp_size": 1}, 2, use_peft, version)  # DDP
     for version in taken:
         reject_tensor_parallel_on_old_transformers(tensor_parallel, 2, use_peft, version)
+    for asked in ({"distributed_config": {"tp_plan": "auto"}}, with_distributed_config(tensor_parallel),
+                  {"distributed_config": {"tp_size": 2}}):
+        with pytest.raises(ValueError, match="needs transformers >= 5"):
+            reject_tensor_parallel_on_old_transformers(asked, 2, use_peft, refused[0])
+    reject_tensor_parallel_on_old_transformers({"distributed_config": {"fsdp_size": 2}}, 2, use_peft, refused[0])
+
+
+def test_tensor_parallel_init_kwargs_become_the_distributed_config_from_pretrained_takes():
+    from transformers import DistributedConfig
+
+    for asked in ({"tp_plan": "auto", "low_cpu_mem_usage": True}, {"distributed_config": {"tp_plan": "auto"},
+                                                                    "low_cpu_mem_usage": True}):
+        passed = with_distributed_config(asked)
+        assert sorted(passed) == ["distributed_config", "low_cpu_mem_usage"], asked
+        assert isinstance(passed["distributed_config"], DistributedConfig) and passed["distributed_config"].tp_plan == "auto"
+    assert with_distributed_config({"tp_plan": None, "tp_size": None, "revision": "main"}) == {"revision": "main"}
+    made = DistributedConfig(tp_plan="auto")
+    assert with_distributed_config({"distributed_config": made})["distributed_config"] is made
+    with pytest.raises(ValueError, match=r"has both tp_plan and distributed_config; put everything in one"):
+        with_distributed_config({"tp_plan": "auto", "distributed_config": {"tp_size": 2}})
+    with pytest.raises(ValueError, match=r"distributed_config \{'tp_plam': 'auto'\}: .*unexpected keyword.*'tp_plam'"):
+        with_distributed_config({"distributed_config": {"tp_plam": "auto"}})
 
 
 def test_monitor_logs_through_trainer_log_and_writes_the_report(workspace, tmp_path):

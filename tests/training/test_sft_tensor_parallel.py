@@ -4,7 +4,9 @@ Both runs: recipes/polyglu_full.yaml on the tiny workspace model (distributed_ru
 accumulated micro-batches (accumulation is where replicated weights' summed gradients can go wrong), τ annealed
 1.0 -> 0.1, routing measured at steps 0, 2, 4, 5 on the whole 8-example probe, fp32, PolyGLU's Gumbel noise on (the
 ranks are seeded alike and each adds its d_ff slice of the unsharded draw). The TP run loads the model with
-`--model_init_kwargs '{"tp_plan": "auto"}'` through tests/training/tensor_parallel_on_cpu.py (accelerate refuses TP
+`--model_init_kwargs '{"tp_plan": "auto"}'` (LoRA on moa: '{"distributed_config": {"tp_plan": "auto"}}', which
+`polyglu sft` makes the DistributedConfig from_pretrained takes; neither warns of the deprecated standalone tp_plan)
+through tests/training/tensor_parallel_on_cpu.py (accelerate refuses TP
 on CPU ranks otherwise; see there). Both ranks of the group train on the same batch, so the one-process run uses
 the same per-device batch.
 
@@ -61,10 +63,16 @@ def skip_unless_transformers_saves(kind: str) -> None:
                     "test_tensor_parallel_on_old_transformers_is_refused_before_loading checks the refusal")
 
 
-def tensor_parallel_command(workspace, recipe: str, output_dir, *overrides: str) -> list[str]:
+# both ways of asking: TRL's idiom (a standalone tp_plan) and transformers' DistributedConfig as a JSON object
+TP_PLAN = '{"tp_plan": "auto"}'
+DISTRIBUTED_CONFIG = '{"distributed_config": {"tp_plan": "auto"}}'
+DEPRECATED_TP_PLAN = "Passing `tp_plan` directly to `from_pretrained` is deprecated"
+
+
+def tensor_parallel_command(workspace, recipe: str, output_dir, *overrides: str, init_kwargs: str = TP_PLAN) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        str(SHIM), *sft_arguments(workspace, recipe, output_dir, *overrides, "--model_init_kwargs", '{"tp_plan": "auto"}'),
+        str(SHIM), *sft_arguments(workspace, recipe, output_dir, *overrides, "--model_init_kwargs", init_kwargs),
     ]
 
 
@@ -97,7 +105,14 @@ def lora_runs(lora_model):
     one, tensor_parallel = (workspace.root / f"tp_lora_{ffn_type}_{name}" for name in ("one_process", "run"))
     overrides = (*OVERRIDES, "--dtype", "float32")
     run_checked([sys.executable, "-m", "modeling_polyglu.cli", "sft", *sft_arguments(workspace, LORA_RECIPE, one, *overrides)], one)
-    run_checked(tensor_parallel_command(workspace, LORA_RECIPE, tensor_parallel, *overrides), tensor_parallel)
+    init_kwargs = DISTRIBUTED_CONFIG if ffn_type == "moa" else TP_PLAN
+    result = run_checked(
+        tensor_parallel_command(workspace, LORA_RECIPE, tensor_parallel, *overrides, init_kwargs=init_kwargs), tensor_parallel
+    )
+    printed = result.stdout + result.stderr
+    sharding = re.findall(r"Tensor parallel on CPU: tp_size (\d+), (\d+)/(\d+) parameters are DTensors", printed)
+    assert [size for size, _, _ in sharding] == ["2", "2"], f"{init_kwargs} did not shard the model: {sharding}"
+    assert DEPRECATED_TP_PLAN not in printed  # polyglu sft hands from_pretrained a DistributedConfig
     return one, tensor_parallel
 
 
@@ -130,6 +145,7 @@ def test_tensor_parallel_sft_trains_like_one_process(runs):
     one, tensor_parallel, printed = runs
     sharding = re.findall(r"Tensor parallel on CPU: tp_size (\d+), (\d+)/(\d+) parameters are DTensors", printed)
     assert len(sharding) == 2 and all(size == "2" and int(sharded) > 0 for size, sharded, _ in sharding), sharding
+    assert DEPRECATED_TP_PLAN not in printed  # polyglu sft hands from_pretrained a DistributedConfig
     _assert_steps_equal(one, tensor_parallel)
 
 
