@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from ..conversion.checkpoint_io import INDEX_FILE, SINGLE_FILE, safetensors_shards, write_index, write_shard
 from ..conversion.model_card import hub_id_of, write_model_card
+from ..conversion.staging import write_text_atomically
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # when the source's own shards cannot be seen (a Hub id not on disk)
@@ -96,18 +97,22 @@ def resave_like_source(directory, dtype_name: Optional[str], max_shard_bytes: in
             del tensors
         if len(plan) > 1:
             write_index(weight_map, total, staging)
+        # new shards first, their index last, stale files after: at every moment the directory holds one complete
+        # set that transformers loads (it prefers a single model.safetensors to an index)
+        for name in names:
+            os.replace(staging / name, directory / name)
+        if len(plan) > 1:
+            os.replace(staging / INDEX_FILE, directory / INDEX_FILE)
         for old in old_files + [directory / INDEX_FILE]:
-            if old.exists() and old.name not in names:
+            if old.exists() and old.name not in names and not (len(plan) > 1 and old.name == INDEX_FILE):
                 old.unlink()
-        for path in staging.iterdir():
-            os.replace(path, directory / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if target is not None:
         config_path = directory / "config.json"
         config = json.loads(config_path.read_text())
         config["dtype"] = dtype_name
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_text_atomically(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _saved_tied_copies(files: list, tied: dict) -> set:

@@ -4,11 +4,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from modeling_polyglu import PolyGLUForCausalLM
 from modeling_polyglu.char_tokenizer import build_chat_tokenizer
 from modeling_polyglu.conversion.qwen3 import convert_qwen3
+from modeling_polyglu.training import saving
 from modeling_polyglu.training.saving import _shard_plan, resave_like_source
 from modeling_polyglu.training.sft import build_parser, run_sft
 
@@ -65,3 +66,59 @@ def test_resave_splits_and_joins_shards(tmp_path):
     assert [path.name for path in tmp_path.glob("*.safetensors")] == ["model.safetensors"]
     assert not (tmp_path / "model.safetensors.index.json").exists()
     assert _shard_plan([("a", 10), ("b", 30), ("c", 5)], 20) == [["a"], ["b"], ["c"]]
+
+
+def loadable_weights(directory):
+    """The tensors transformers would load from `directory` (model.safetensors before an index), or None where the
+    set it would pick is incomplete."""
+    if (directory / "model.safetensors").is_file():
+        return load_file(str(directory / "model.safetensors"))
+    index = directory / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    weight_map = json.loads(index.read_text())["weight_map"]
+    if not all((directory / name).is_file() for name in set(weight_map.values())):
+        return None
+    tensors = {}
+    for name in set(weight_map.values()):
+        tensors.update(load_file(str(directory / name)))
+    return tensors if set(weight_map) <= set(tensors) else None
+
+
+@pytest.mark.parametrize("first_shard_bytes, then_shard_bytes", [(2**30, 2 * 64 * 64 * 2), (2 * 64 * 64 * 4, 2**30)],
+                         ids=["single_to_shards", "shards_to_single"])
+def test_a_resave_stopped_at_any_file_operation_leaves_complete_weights(tmp_path, monkeypatch, first_shard_bytes,
+                                                                       then_shard_bytes):
+    tensors = {f"model.layers.{i}.w": torch.randn(64, 64) for i in range(4)}
+    operations = 0
+    while True:  # stop the resave at its 1st, 2nd, ... rename or removal, until one runs through
+        directory = tmp_path / f"stopped_at_{operations}"
+        directory.mkdir()
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        (directory / "config.json").write_text("{}")
+        resave_like_source(directory, None, max_shard_bytes=first_shard_bytes)
+        calls = {"left": operations}
+
+        def stop_when_due(original):
+            def operation(*args, **kwargs):
+                if calls["left"] == 0:
+                    raise KeyboardInterrupt
+                calls["left"] -= 1
+                return original(*args, **kwargs)
+            return operation
+
+        with monkeypatch.context() as patch:
+            patch.setattr(saving.os, "replace", stop_when_due(saving.os.replace))
+            patch.setattr(saving.Path, "unlink", stop_when_due(saving.Path.unlink))
+            try:
+                resave_like_source(directory, "float16", max_shard_bytes=then_shard_bytes)
+                finished = True
+            except KeyboardInterrupt:
+                finished = False
+        loaded = loadable_weights(directory)
+        assert loaded is not None and sorted(loaded) == sorted(tensors), f"stopped after {operations} operations"
+        assert len({tensor.dtype for tensor in loaded.values()}) == 1, "a mix of the old and the new weights"
+        if finished:
+            break
+        operations += 1
+    assert operations >= 3 and {tensor.dtype for tensor in loaded.values()} == {torch.float16}
