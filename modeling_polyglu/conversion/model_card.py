@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..configuration_polyglu import PolyGLUConfig
+from .staging import write_text_atomically
 
 
 def _ffn_types(config: PolyGLUConfig) -> list[str]:
@@ -92,4 +93,4 @@ With the `polyglu` package installed (`import modeling_polyglu`), the installed 
 | layers | {config.num_hidden_layers} |
 | hidden / intermediate size | {config.hidden_size} / {config.intermediate_size} |
 {_variant_rows(config)}"""
-    (Path(directory) / "README.md").write_text(front_matter + "\n" + body)
+    write_text_atomically(Path(directory) / "README.md", front_matter + "\n" + body)  # also into a finished sft output
