@@ -40,6 +40,25 @@ def test_existing_destination_is_refused_in_one_line(tmp_path):
     assert "Traceback" not in completed.stderr
 
 
+@pytest.mark.parametrize("command, option", [
+    (["demo"], "--ffn-type"),
+    (["convert", "qwen3"], "--router-init-activation"),
+    (["convert", "polychromatic"], "--tokenizer"),
+    (["inspect"], "--text"),
+    (["bench"], "--suite"),
+    (["sft"], "--routing_probe_tokens"),
+    (["pretrain"], "--routing_probe_tokens"),
+    (["compare"], "--match"),
+])
+def test_every_command_prints_its_help(command, option, capsys):
+    """argparse %-formats every help string: one bare percent sign made `--help` a traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("usage: ") and option in printed
+
+
 def test_unknown_ffn_type_is_rejected_with_the_choices(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--ffn-type", "nope"])

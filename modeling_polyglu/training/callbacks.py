@@ -49,8 +49,9 @@ class RoutingArguments:
     routing_probe_size: int = field(default=32, metadata={"help": "Examples held out from training as the routing probe set (at most; the eval split's head when it has enough)."})
     routing_probe_tokens: int = field(
         default=0,
+        # argparse %-formats help strings: a percent sign is written %%
         metadata={"help": "Tokens per process in one measurement (the probe examples are cut to this). 0 (default): "
-                          f"sized so the monitor costs about {PROBE_COST_SHARE:.0%} of the run, from max_steps, the batch "
+                          f"sized so the monitor costs about {PROBE_COST_SHARE * 100:.0f}%% of the run, from max_steps, the batch "
                           f"size and the probe's example lengths, between {MIN_PROBE_TOKENS} and {MAX_PROBE_TOKENS}."},
     )
     routing_probe_batch_size: int = field(default=8, metadata={"help": "Batch size of the probe forwards."})

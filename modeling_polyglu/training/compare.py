@@ -43,7 +43,7 @@ class CompareArguments:
     ffn_types: str = field(default="swiglu,dualglu,polyglu", metadata={"help": "Comma-separated variants: an ffn type, optionally with config fields, e.g. dualglu:dualglu_mixing=static_equal."})
     seeds: str = field(default="3", metadata={"help": "Number of seeds (0..N-1) or a comma-separated list of seeds."})
     baseline: str = field(default="swiglu", metadata={"help": "The variant differences are measured against (same syntax as --ffn_types)."})
-    match: str = field(default="params", metadata={"help": "params: match each variant's parameter count to the baseline's within 1 % via intermediate_size; none: keep it."})
+    match: str = field(default="params", metadata={"help": "params: match each variant's parameter count to the baseline's within 1 %% via intermediate_size; none: keep it."})
 
     def __post_init__(self):
         for variant in self.variants():
