@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from .reports import per_layer_lines, plots_available, write_routing_report
+from .safeguards import reject_missing_local_checkpoint
 from .routing_stats import RoutingProbe, probe_batches, tokenize_probe, unwrap_polyglu_model
 
 BUILT_IN_TEXT = [
@@ -41,9 +42,7 @@ def inspect_checkpoint(
 
     import modeling_polyglu  # noqa: F401  registers the Auto classes
 
-    if not (Path(model_dir) / "config.json").is_file():  # else transformers would look it up on the Hub
-        problem = "no config.json in it" if Path(model_dir).is_dir() else "no such directory"
-        raise ValueError(f"{model_dir}: {problem}; pass the directory of a saved checkpoint (config.json and weights).")
+    reject_missing_local_checkpoint(str(model_dir), hub_allowed=False)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code).eval()
     unwrap_polyglu_model(model)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)

@@ -28,6 +28,19 @@ def looks_like_a_local_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or Path(name).suffix in _DATA_SUFFIXES or name.count("/") > 1
 
 
+def reject_missing_local_checkpoint(name_or_path: str, flag: str = "", hub_allowed: bool = True) -> None:
+    """A local checkpoint path must hold a config.json: transformers would take anything else for a Hub id and fail
+    with a message about repo names or model types."""
+    path = Path(name_or_path).expanduser()
+    if hub_allowed and not path.exists() and not looks_like_a_local_path(name_or_path):
+        return  # a Hub name
+    if not (path / "config.json").is_file():
+        problem = "no config.json in it" if path.is_dir() else "no such directory"
+        alternative = ", or a Hub model name" if hub_allowed else ""
+        raise ValueError(f"{flag + ' ' if flag else ''}{name_or_path}: {problem}; pass the directory of a saved "
+                         f"checkpoint (config.json and weights){alternative}.")
+
+
 def missing_local_dataset_message(name: str) -> str:
     return f"--dataset_name {name}: no such file or directory; pass an existing JSONL file or directory, or a Hub dataset name."
 
@@ -95,6 +108,22 @@ def check_sft_columns(columns, text_field: str, source: str, rows: int) -> None:
         )
     if rows == 0:
         raise ValueError(f"{source}: has no examples.")
+
+
+REQUIRED_SFT_INPUTS = {
+    "--model_name_or_path": "the PolyGLU-family checkpoint to fine-tune (a directory from `polyglu convert qwen3`, or a "
+                            "Hub name)",
+    "--dataset_name": "the data (a JSONL file or directory, or a Hub dataset name)",
+}
+
+
+def require_model_and_dataset(model_name_or_path, dataset_name) -> None:
+    """TRL's parser declares neither required: a run without them died on a None path (a traceback)."""
+    given = {"--model_name_or_path": model_name_or_path, "--dataset_name": dataset_name}
+    missing = [f"{flag}, {REQUIRED_SFT_INPUTS[flag]}" for flag, value in given.items() if not value]
+    if missing:
+        raise ValueError(f"it needs {'; and '.join(missing)}. Pass {'them' if len(missing) > 1 else 'it'}, or "
+                         "--config recipes/<recipe>.yaml, which sets both.")
 
 
 def reject_zero_max_steps(max_steps: int) -> None:

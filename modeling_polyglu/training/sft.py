@@ -167,6 +167,8 @@ def run_sft(script_args, training_args, model_args, routing_args, quiet: bool = 
     from .routing_stats import tokenize_probe, unwrap_polyglu_model
     from .trainer import PolyGLUSFTTrainer
 
+    safeguards.require_model_and_dataset(model_args.model_name_or_path, script_args.dataset_name)
+    safeguards.reject_missing_local_checkpoint(model_args.model_name_or_path, "--model_name_or_path")
     safeguards.reject_zero_max_steps(training_args.max_steps)
     safeguards.reject_bf16_mode_beside_deepspeed_autocast(training_args)
     safeguards.reject_tensor_parallel_on_old_transformers(

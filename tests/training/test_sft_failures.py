@@ -53,6 +53,28 @@ def test_bad_datasets_fail_in_one_line_before_loading_the_model(workspace, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("arguments, message", [
+    ([], "it needs --model_name_or_path, the PolyGLU-family checkpoint to fine-tune (a directory from `polyglu convert "
+         "qwen3`, or a Hub name); and --dataset_name, the data (a JSONL file or directory, or a Hub dataset name). Pass "
+         "them, or --config recipes/<recipe>.yaml, which sets both."),
+    (["--model_name_or_path", "{model}"], "it needs --dataset_name, the data (a JSONL file or directory, or a Hub "
+                                          "dataset name). Pass it, or --config recipes/<recipe>.yaml, which sets both."),
+    (["--model_name_or_path", "{tmp}/no-such-model", "--dataset_name", "{data}"],
+     "--model_name_or_path {tmp}/no-such-model: no such directory; pass the directory of a saved checkpoint "
+     "(config.json and weights), or a Hub model name."),
+    (["--model_name_or_path", "{tmp}", "--dataset_name", "{data}"],
+     "--model_name_or_path {tmp}: no config.json in it; pass the directory of a saved checkpoint (config.json and "
+     "weights), or a Hub model name."),
+], ids=["nothing", "no_dataset", "missing_model_directory", "directory_without_config"])
+def test_a_missing_model_or_dataset_is_one_line(workspace, tmp_path, capsys, arguments, message):
+    """TRL's parser requires neither; the run died on a None path, or transformers took a path for a Hub id."""
+    values = {"model": str(workspace / "polyglu"), "data": str(workspace / "data.jsonl"), "tmp": str(tmp_path)}
+    arguments = [argument.format(**values) for argument in arguments]
+    assert main(["sft", *arguments, "--output_dir", str(tmp_path / "out"), "--max_steps", "1"]) == 2
+    assert one_error_line(capsys) == f"polyglu sft: error: {message.format(**values)}"
+    assert not (tmp_path / "out").exists()
+
+
 def test_max_steps_zero_is_refused(workspace, tmp_path, capsys):
     assert run_cli(workspace, tmp_path / "out", "--max_steps", "0") == 2
     assert "--max_steps 0 trains nothing" in one_error_line(capsys)
