@@ -109,20 +109,35 @@ POLYGLU_INLINE Vec sigmoid(const Vec& x) {
 }
 
 // tanh within ~1e-7 relative, at a third of Sleef's cost: (1 - e) / (1 + e) with e = exp(-2|x|) where that has no
-// cancellation (|x| >= 0.55), an odd polynomial below (x + x^3 Q(x^2), Q fitted for relative error on [0, 0.55])
-POLYGLU_INLINE Vec fast_tanh(const Vec& x) {
+// cancellation (|x| >= 0.55), an odd polynomial below (x + x^3 Q(x^2), Q fitted for relative error on [0, 0.55]).
+// With SLOPE also sech^2 = 1 - tanh^2, as 4e / (1 + e)^2 from 0.55 on: 1 - t^2 would turn the reciprocal's last-ulp
+// error in t (AVX2's refined estimate of 1 / 1 is 1 - 2^-24) into 1.2e-7 where sech^2 is 0, which GELU-tanh's
+// slope multiplies by ~x^3 (0.011 at x = 120).
+template <bool SLOPE>
+POLYGLU_INLINE void tanh_and_sech2(const Vec& x, Vec& value, Vec& sech2) {
   const Vec one(1.0f);
   const Vec magnitude = x.abs();
   const Vec e = fast_exp(Vec(-2.0f) * magnitude);
-  const Vec large = (one - e) * fast_reciprocal(one + e);
+  const Vec inverse = fast_reciprocal(one + e);
+  const Vec large = (one - e) * inverse;
   const Vec square = x * x;
   Vec q = Vec(-0.0062876008450984955f) * square + Vec(0.021082019433379173f);
   q = q * square + Vec(-0.053855109959840775f);
   q = q * square + Vec(0.13332617282867432f);
   q = q * square + Vec(-0.33333319425582886f);
   const Vec small = magnitude + magnitude * square * q;
-  const Vec result = Vec::blendv(large, small, magnitude < Vec(0.55f));
-  return Vec::blendv(result, result.neg(), x < Vec(0.0f));
+  const Vec is_small = magnitude < Vec(0.55f);
+  const Vec result = Vec::blendv(large, small, is_small);
+  value = Vec::blendv(result, result.neg(), x < Vec(0.0f));
+  if constexpr (SLOPE) sech2 = Vec::blendv(Vec(4.0f) * e * inverse * inverse, one - small * small, is_small);
+}
+
+// e^-x and the logistic function 1 / (1 + e^-x), the exponent capped at 80 as in sigmoid()
+POLYGLU_INLINE Vec sigmoid_with_complement(const Vec& x, Vec& complement) {
+  const Vec e = fast_exp(at::vec::minimum(x.neg(), Vec(80.0f)));
+  const Vec s = fast_reciprocal(Vec(1.0f) + e);
+  complement = e * s;  // 1 - s without the subtraction, which keeps s's last-ulp error (x (1 - s) in SiLU's slope)
+  return s;
 }
 
 // GELU (erf form) and its derivative from one exponential: erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7,
@@ -151,24 +166,34 @@ POLYGLU_INLINE void activation(const Vec& x, Vec& value, Vec& slope) {
     value = at::vec::maximum(x, zero);
     if constexpr (SLOPE) slope = Vec::blendv(zero, one, x > zero);
   } else if constexpr (CODE == kTanh) {
-    value = fast_tanh(x);
-    if constexpr (SLOPE) slope = one - value * value;
+    tanh_and_sech2<SLOPE>(x, value, slope);
   } else if constexpr (CODE == kSilu) {
-    const Vec s = sigmoid(x);
-    value = x * s;
-    if constexpr (SLOPE) slope = s * (one + x * (one - s));
+    if constexpr (SLOPE) {
+      Vec complement;
+      const Vec s = sigmoid_with_complement(x, complement);
+      value = x * s;
+      slope = s * (one + x * complement);
+    } else {
+      value = x * sigmoid(x);
+    }
   } else if constexpr (CODE == kGelu) {
     gelu<SLOPE>(x, value, slope);
   } else if constexpr (CODE == kGeluTanh) {
     const Vec x2 = x * x;
-    const Vec t = fast_tanh(Vec(kSqrt2OverPi) * (x + Vec(kGeluTanhCoef) * x2 * x));
+    Vec t, sech2;
+    tanh_and_sech2<SLOPE>(Vec(kSqrt2OverPi) * (x + Vec(kGeluTanhCoef) * x2 * x), t, sech2);
     value = half * x * (one + t);
     if constexpr (SLOPE) {
-      slope = half * (one + t) + half * x * (one - t * t) * Vec(kSqrt2OverPi) * (one + Vec(3.0f * kGeluTanhCoef) * x2);
+      slope = half * (one + t) + half * x * sech2 * Vec(kSqrt2OverPi) * (one + Vec(3.0f * kGeluTanhCoef) * x2);
     }
   } else if constexpr (CODE == kSigmoid) {
-    value = sigmoid(x);
-    if constexpr (SLOPE) slope = value * (one - value);
+    if constexpr (SLOPE) {
+      Vec complement;
+      value = sigmoid_with_complement(x, complement);
+      slope = value * complement;
+    } else {
+      value = sigmoid(x);
+    }
   } else {
     value = x;
     if constexpr (SLOPE) slope = one;

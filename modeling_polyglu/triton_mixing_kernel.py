@@ -80,20 +80,34 @@ _EXACT_THRESHOLD = tl.constexpr(FACTOR_SCALE * FACTOR_SCALE * math.exp(-64.0))
 
 
 @triton.jit
-def _tanh(x):
-    """tanh within ~1e-7 relative: (1 - e) / (1 + e) with e = exp(-2|x|) from |x| = 0.55 on, an odd polynomial
-    below (where the quotient would cancel); the polynomial is the CPU kernel's."""
+def _tanh_and_sech2(x):
+    """(tanh x, 1 - tanh^2 x) within ~1e-7: (1 - e) / (1 + e) with e = exp(-2|x|) from |x| = 0.55 on, an odd
+    polynomial below (where the quotient would cancel); the polynomial is the CPU kernel's. From 0.55 on sech^2 is
+    4e / (1 + e)^2, not 1 - t^2, which would keep a last-ulp error of t where sech^2 is 0 (GELU-tanh's slope
+    multiplies it by ~x^3)."""
     magnitude = tl.abs(x)
     e = tl.exp(-2.0 * magnitude)
-    large = (1.0 - e) / (1.0 + e)
+    inverse = 1.0 / (1.0 + e)
+    large = (1.0 - e) * inverse
     square = x * x
     q = -0.0062876008450984955 * square + 0.021082019433379173
     q = q * square - 0.053855109959840775
     q = q * square + 0.13332617282867432
     q = q * square - 0.33333319425582886
     small = magnitude + magnitude * square * q
-    result = tl.where(magnitude < 0.55, small, large)
-    return tl.where(x < 0.0, -result, result)
+    is_small = magnitude < 0.55
+    result = tl.where(is_small, small, large)
+    sech2 = tl.where(is_small, 1.0 - small * small, 4.0 * e * inverse * inverse)
+    return tl.where(x < 0.0, -result, result), sech2
+
+
+@triton.jit
+def _sigmoid_and_complement(x):
+    """(s, 1 - s) for s = 1 / (1 + e^-x), the exponent capped at 80 as on CPU; 1 - s as e·s, without the
+    subtraction that keeps s's last-ulp error (SiLU's slope multiplies it by x)."""
+    e = tl.exp(tl.minimum(-x, 80.0))
+    s = 1.0 / (1.0 + e)
+    return s, e * s
 
 
 @triton.jit
@@ -103,24 +117,25 @@ def _activation(x, CODE: tl.constexpr):
         value = tl.maximum(x, 0.0)
         slope = tl.where(x > 0.0, 1.0, 0.0)
     elif CODE == 1:  # tanh
-        value = _tanh(x)
-        slope = 1.0 - value * value
+        value, slope = _tanh_and_sech2(x)
     elif CODE == 2:  # silu
-        s = tl.sigmoid(x)
+        s, complement = _sigmoid_and_complement(x)
         value = x * s
-        slope = s * (1.0 + x * (1.0 - s))
+        slope = s * (1.0 + x * complement)
     elif CODE == 3:  # gelu, erf form
         cdf = 0.5 * (1.0 + tl.erf(x * _SQRT_HALF))
         value = x * cdf
         slope = cdf + x * tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
     elif CODE == 4:  # gelu, tanh approximation
         x2 = x * x
-        t = _tanh(_SQRT_2_OVER_PI * (x + _GELU_TANH_COEF * x2 * x))
+        # named first: Triton's interpreter cannot pass an expression with a constexpr to a jit function
+        inner = _SQRT_2_OVER_PI * (x + _GELU_TANH_COEF * x2 * x)
+        t, sech2 = _tanh_and_sech2(inner)
         value = 0.5 * x * (1.0 + t)
-        slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_COEF * x2)
+        slope = 0.5 * (1.0 + t) + 0.5 * x * sech2 * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_COEF * x2)
     elif CODE == 5:  # sigmoid
-        value = tl.sigmoid(x)
-        slope = value * (1.0 - value)
+        value, complement = _sigmoid_and_complement(x)
+        slope = value * complement
     else:  # identity
         value = x
         slope = tl.zeros_like(x) + 1.0

@@ -23,6 +23,7 @@ from modeling_polyglu.activation_mixing import mix_activations, mix_activations_
 from modeling_polyglu.configuration_polyglu import MIXING_FFN_TYPES
 
 from .test_activation_mixing import DICTIONARY, LAYOUTS, make_inputs, relative
+from .test_cpu_mixing_kernel import assert_activation_agrees_with_torch_over_a_wide_range
 from .utils import ALL_VARIANTS, require_usable_triton, tiny_model, variant_id
 
 CUDA = torch.cuda.is_available()
@@ -154,6 +155,13 @@ def test_bf16_storage_with_fp32_arithmetic(layout):
     assert output_error <= BF16_BOUND
     assert max(input_errors) <= BF16_BOUND, input_errors
     assert max(router_errors, default=0.0) <= ROUTER_BOUND, router_errors
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, in tanh's discarded polynomial
+@pytest.mark.parametrize("name", sorted(activation_mixing.ACTIVATIONS))
+def test_activations_agree_with_torch_over_a_wide_range(name):
+    """Every activation, gelu_tanh and sigmoid included, which no mixing test's dictionary holds."""
+    assert_activation_agrees_with_torch_over_a_wide_range(name, DEVICE, backend="triton")
 
 
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
