@@ -236,6 +236,9 @@ def convert_qwen3(
     source, destination = Path(source), Path(destination)
     if ffn_type not in FFN_TYPES:
         raise CheckpointError(f"--ffn-type {ffn_type!r} is not supported; choose one of {', '.join(FFN_TYPES)}")
+    if verify and probe_file is not None and not Path(probe_file).is_file():  # before the shards, not after them
+        raise CheckpointError(f"--probe-file {probe_file}: no such file; pass a text file to measure the deviation "
+                              "on, or leave it out for the built-in text.")
     source_config = qwen3_source_config(source)
     converted = parse_layers(layers, source_config["num_hidden_layers"])
     config = polyglu_config_from_qwen3(source_config, ffn_type, converted, router_init_activation, router_init_strength)

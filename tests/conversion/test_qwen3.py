@@ -206,6 +206,21 @@ def test_existing_destination_needs_overwrite(qwen3_dir, tmp_path, capsys):
     assert not (destination / "keep.txt").exists() and json.loads((destination / "config.json").read_text())["ffn_type"] == "la"
 
 
+def test_a_missing_probe_file_is_refused_before_any_shard_is_converted(qwen3_dir, tmp_path, capsys, monkeypatch):
+    from modeling_polyglu.conversion import qwen3
+
+    def no_shard_may_be_read(*args, **kwargs):
+        raise AssertionError("a shard was read before the probe file was checked")
+
+    monkeypatch.setattr(qwen3, "iter_shard_tensors", no_shard_may_be_read)
+    destination = tmp_path / "dst"
+    error = _cli_error(capsys, ["convert", "qwen3", "--src", str(qwen3_dir), "--dst", str(destination), "--ffn-type",
+                                "polyglu", "--probe-file", str(tmp_path / "probe.txt")])
+    assert error == (f"polyglu convert: error: --probe-file {tmp_path / 'probe.txt'}: no such file; pass a text file to "
+                     "measure the deviation on, or leave it out for the built-in text.")
+    assert not destination.exists()
+
+
 # `polyglu ...` (after the signal number) that sends itself the signal while it writes its third safetensors file
 _SIGNALLED_AT_THIRD_SHARD = """
 import os, sys
