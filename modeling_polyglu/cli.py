@@ -110,6 +110,12 @@ def _run_convert_polychromatic(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def _add_inspect_parser(subparsers):
     parser = subparsers.add_parser(
         "inspect",
@@ -121,7 +127,7 @@ def _add_inspect_parser(subparsers):
     source.add_argument("--text", help="text file, one probe example per line")
     source.add_argument("--dataset", help="JSONL file/dir (messages, prompt/completion or text) or a Hub dataset name")
     parser.add_argument("--output-dir", help="where to write the report (default: MODEL_DIR/routing_inspect)")
-    parser.add_argument("--limit", type=int, default=64, help="number of probe examples (default 64)")
+    parser.add_argument("--limit", type=_positive_int, default=64, help="number of probe examples (default 64)")
     parser.add_argument("--trust-remote-code", action="store_true", help="load with the checkpoint's own code")
     parser.set_defaults(handler=_run_inspect)
 

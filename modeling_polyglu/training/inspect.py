@@ -22,14 +22,19 @@ BUILT_IN_TEXT = [
 ]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
 def probe_examples(text_file: Optional[str] = None, dataset: Optional[str] = None, limit: int = 64) -> list[dict]:
     if text_file:
+        if not Path(text_file).is_file():
+            raise ValueError(f"--text {text_file}: no such file; pass a text file with one probe example per line.")
         lines = [line for line in Path(text_file).read_text().splitlines() if line.strip()]
         return [{"text": line} for line in lines[:limit]]
     if dataset:
         from .sft import load_training_dataset
 
-        split = load_training_dataset(dataset)["train"]
+        split = load_training_dataset(dataset, flag="--dataset")["train"]
         return [split[i] for i in range(min(limit, len(split)))]
     return [{"text": text} for text in BUILT_IN_TEXT]
 
@@ -43,10 +48,14 @@ def inspect_checkpoint(
     import modeling_polyglu  # noqa: F401  registers the Auto classes
 
     reject_missing_local_checkpoint(str(model_dir), hub_allowed=False)
+    if not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{model_dir}: no tokenizer in it ({' or '.join(TOKENIZER_FILES)}), which the probe text needs; "
+                         "save the model's tokenizer there (tokenizer.save_pretrained(DIR)).")
+    examples = probe_examples(text_file, dataset, limit)  # bad probe input fails before the model is loaded
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code).eval()
     unwrap_polyglu_model(model)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    token_lists = tokenize_probe(probe_examples(text_file, dataset, limit), tokenizer, max_length)
+    token_lists = tokenize_probe(examples, tokenizer, max_length)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     metrics, _ = RoutingProbe().measure(model, probe_batches(token_lists, batch_size, pad_token_id))
     destination = Path(output_dir) if output_dir else Path(model_dir) / "routing_inspect"

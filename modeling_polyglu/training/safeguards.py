@@ -41,14 +41,14 @@ def reject_missing_local_checkpoint(name_or_path: str, flag: str = "", hub_allow
                          f"checkpoint (config.json and weights){alternative}.")
 
 
-def missing_local_dataset_message(name: str) -> str:
-    return f"--dataset_name {name}: no such file or directory; pass an existing JSONL file or directory, or a Hub dataset name."
+def missing_local_dataset_message(name: str, flag: str = "--dataset_name") -> str:
+    return f"{flag} {name}: no such file or directory; pass an existing JSONL file or directory, or a Hub dataset name."
 
 
-def unavailable_hub_dataset_message(name: str, error: BaseException) -> str:
+def unavailable_hub_dataset_message(name: str, error: BaseException, flag: str = "--dataset_name") -> str:
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return (
-        f"--dataset_name {name}: not a local file or directory, and not loadable from the Hub ({first_line}); "
+        f"{flag} {name}: not a local file or directory, and not loadable from the Hub ({first_line}); "
         "pass a JSONL file or directory, or check the dataset name and your connection."
     )
 

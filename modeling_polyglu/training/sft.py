@@ -37,8 +37,9 @@ def build_parser():
     return parser
 
 
-def load_training_dataset(name_or_path: str, config_name=None):
-    """A DatasetDict from a local JSON/JSONL file or directory, or from the Hub by name."""
+def load_training_dataset(name_or_path: str, config_name=None, flag: str = "--dataset_name"):
+    """A DatasetDict from a local JSON/JSONL file or directory, or from the Hub by name (`flag`: the option that named
+    it, for the error messages)."""
     from datasets import load_dataset
 
     path = Path(name_or_path).expanduser()
@@ -54,11 +55,11 @@ def load_training_dataset(name_or_path: str, config_name=None):
             splits.setdefault(split, []).append(file)
         return _load_json_files(splits)
     if safeguards.looks_like_a_local_path(name_or_path):
-        raise ValueError(safeguards.missing_local_dataset_message(name_or_path))
+        raise ValueError(safeguards.missing_local_dataset_message(name_or_path, flag))
     try:
         return load_dataset(name_or_path, name=config_name)
     except (OSError, ConnectionError) as error:  # DatasetNotFoundError and offline errors are among them
-        raise ValueError(safeguards.unavailable_hub_dataset_message(name_or_path, error)) from None
+        raise ValueError(safeguards.unavailable_hub_dataset_message(name_or_path, error, flag)) from None
 
 
 def _load_json_files(splits: dict):

@@ -234,6 +234,35 @@ def test_inspect_reports_any_checkpoint(workspace, tmp_path, capsys):
     assert "top activation" in printed and len([line for line in printed.splitlines() if "%" in line]) == 2  # 2 layers
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (["{untokenized}"], "{untokenized}: no tokenizer in it (tokenizer.json or tokenizer_config.json), which the probe "
+                        "text needs; save the model's tokenizer there (tokenizer.save_pretrained(DIR))."),
+    (["{model}", "--text", "{tmp}/probe.txt"], "--text {tmp}/probe.txt: no such file; pass a text file with one probe "
+                                               "example per line."),
+    (["{model}", "--dataset", "{tmp}/probe.jsonl"], "--dataset {tmp}/probe.jsonl: no such file or directory; pass an "
+                                                    "existing JSONL file or directory, or a Hub dataset name."),
+], ids=["no_tokenizer", "missing_text", "missing_dataset"])
+def test_inspect_refuses_what_it_cannot_probe_before_loading_the_model(workspace, tmp_path, capsys, monkeypatch,
+                                                                        arguments, message):
+    from transformers import AutoModelForCausalLM
+
+    untokenized = tmp_path / "untokenized"
+    untokenized.mkdir()
+    for path in (workspace / "polyglu").iterdir():
+        if path.is_file() and not path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            (untokenized / path.name).write_bytes(path.read_bytes())
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the probe input was checked")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
+    values = {"model": str(workspace / "polyglu"), "untokenized": str(untokenized), "tmp": str(tmp_path)}
+    assert main(["inspect", *(argument.format(**values) for argument in arguments),
+                 "--output-dir", str(tmp_path / "report")]) == 2
+    assert capsys.readouterr().err.strip() == f"polyglu inspect: error: {message.format(**values)}"
+    assert not (tmp_path / "report").exists()
+
+
 def test_inspect_writes_the_json_report_without_matplotlib(workspace, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what importing it raises where it is not installed
     assert main(["inspect", str(workspace / "polyglu"), "--output-dir", str(tmp_path / "report")]) == 0
