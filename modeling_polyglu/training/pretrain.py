@@ -154,6 +154,10 @@ def model_config_values(source: str) -> dict:
     path = Path(source)
     if path.is_dir() and (path / "config.json").is_file():
         path = path / "config.json"
+    if not path.is_file() and (path.suffix == ".json" or len(path.parts) > 1):
+        problem = "no config.json in it" if path.is_dir() else "no such file"
+        raise ValueError(f"--model_config {source}: {problem}; pass a preset name, a JSON config file or a checkpoint "
+                         "directory.")
     if not path.is_file():
         path = preset_path(source)  # raises a one-line error naming the available presets
     values = json.loads(path.read_text())

@@ -148,6 +148,16 @@ def test_bad_input_is_one_line(capsys):
     assert "Unknown preset" in capsys.readouterr().err
 
 
+def test_a_config_path_that_is_not_there_is_named_as_a_path(tmp_path, capsys):
+    for source, problem in ((tmp_path / "model.json", "no such file"), (tmp_path, "no config.json in it")):
+        assert cli_main(["pretrain", "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--config", str(source)]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"polyglu pretrain: error: --model_config {source}: {problem}; pass a preset name, a JSON config file or a "
+            "checkpoint directory."
+        )
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("overrides, message", [
     ('{"routing_taux": 0.5}', "'routing_taux' is not a PolyGLUConfig field; did you mean 'routing_tau'?"),
     ('{"intermediate_size": 64, "zzz": 1}', "'zzz' is not a PolyGLUConfig field; PolyGLUConfig's docstring"),
