@@ -13,6 +13,12 @@ from .configuration_polyglu import FFN_TYPES
 TRAINING_EXTRA_MODULES = frozenset({"trl", "peft", "accelerate", "datasets", "matplotlib", "tensorboard"})
 
 
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def _add_demo_parser(subparsers):
     parser = subparsers.add_parser(
         "demo",
@@ -21,8 +27,8 @@ def _add_demo_parser(subparsers):
     )
     parser.add_argument("--ffn-type", default="polyglu", choices=FFN_TYPES, help="variant to retrofit to (default polyglu)")
     parser.add_argument("--output-dir", default="outputs/demo", help="where everything is written (default outputs/demo)")
-    parser.add_argument("--pretrain-steps", type=int, default=400, help="steps of base-model pretraining (default 400)")
-    parser.add_argument("--sft-steps", type=int, default=150, help="SFT steps (default 150)")
+    parser.add_argument("--pretrain-steps", type=_positive_int, default=400, help="steps of base-model pretraining (default 400)")
+    parser.add_argument("--sft-steps", type=_positive_int, default=150, help="SFT steps (default 150)")
     parser.add_argument("--base-model", help="a Qwen3 checkpoint to start from instead of pretraining the tiny one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
@@ -108,12 +114,6 @@ def _run_convert_polychromatic(args) -> int:
         overwrite=args.overwrite,
     )
     return 0
-
-
-def _positive_int(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
 
 
 def _add_inspect_parser(subparsers):

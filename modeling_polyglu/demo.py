@@ -118,8 +118,12 @@ def run_demo(
     overwrite: bool = False,
     log=print,
 ) -> dict:
+    from .training.safeguards import reject_directory_without_tokenizer, reject_missing_local_checkpoint
     from .training.sft import build_parser, run_sft
 
+    if base_model is not None:  # before anything is written, not at the retrofit or the fine-tuning
+        reject_missing_local_checkpoint(base_model, "--base-model", hub_allowed=False)
+        reject_directory_without_tokenizer(base_model, "the demo's chat data", "--base-model")
     started = time.perf_counter()
     train_facts, held_out = split_facts(seed)
     questions = [f"what is {a}+{b}?" for a, b in held_out]

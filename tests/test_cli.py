@@ -59,6 +59,31 @@ def test_every_command_prints_its_help(command, option, capsys):
     assert printed.startswith("usage: ") and option in printed
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (["--sft-steps", "0"], "polyglu demo: error: argument --sft-steps: expected a whole number >= 1, got '0'"),
+    (["--pretrain-steps", "-3"], "polyglu demo: error: argument --pretrain-steps: expected a whole number >= 1, got '-3'"),
+    (["--base-model", "{tmp}/qwen3"], "polyglu demo: error: --base-model {tmp}/qwen3: no such directory; pass the "
+                                      "directory of a saved checkpoint (config.json and weights)."),
+    (["--base-model", "{tmp}/untokenized"], "polyglu demo: error: --base-model {tmp}/untokenized: no tokenizer in it "
+                                            "(tokenizer.json or tokenizer_config.json), which the demo's chat data "
+                                            "needs; save the model's tokenizer there (tokenizer.save_pretrained(DIR))."),
+], ids=["no_sft_steps", "negative_pretrain_steps", "missing_base_model", "base_model_without_tokenizer"])
+def test_the_demo_refuses_bad_arguments_before_any_stage(arguments, message, tmp_path, capsys):
+    """Each was found only at its stage (the fine-tuning refused --max_steps 0 after the pretraining), or not at all
+    (negative pretraining steps trained by epochs)."""
+    (tmp_path / "untokenized").mkdir()
+    (tmp_path / "untokenized" / "config.json").write_text("{}")
+    arguments = [argument.format(tmp=tmp_path) for argument in arguments]
+    try:
+        code = main(["demo", "--output-dir", str(tmp_path / "demo"), *arguments])
+    except SystemExit as exit_info:  # argparse's own refusals
+        code = exit_info.code
+    assert code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1] == message.format(tmp=tmp_path) and "[1/4]" not in "\n".join(error)
+    assert not (tmp_path / "demo").exists()
+
+
 def test_unknown_ffn_type_is_rejected_with_the_choices(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--ffn-type", "nope"])

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from .reports import per_layer_lines, plots_available, write_routing_report
-from .safeguards import reject_missing_local_checkpoint
+from .safeguards import reject_directory_without_tokenizer, reject_missing_local_checkpoint
 from .routing_stats import RoutingProbe, probe_batches, tokenize_probe, unwrap_polyglu_model
 
 BUILT_IN_TEXT = [
@@ -20,9 +20,6 @@ BUILT_IN_TEXT = [
     "def add(a, b):\n    return a + b",
     "Question: what is 17 + 25? Answer: 42.",
 ]
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def probe_examples(text_file: Optional[str] = None, dataset: Optional[str] = None, limit: int = 64) -> list[dict]:
@@ -48,9 +45,7 @@ def inspect_checkpoint(
     import modeling_polyglu  # noqa: F401  registers the Auto classes
 
     reject_missing_local_checkpoint(str(model_dir), hub_allowed=False)
-    if not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):
-        raise ValueError(f"{model_dir}: no tokenizer in it ({' or '.join(TOKENIZER_FILES)}), which the probe text needs; "
-                         "save the model's tokenizer there (tokenizer.save_pretrained(DIR)).")
+    reject_directory_without_tokenizer(model_dir, "the probe text")
     examples = probe_examples(text_file, dataset, limit)  # bad probe input fails before the model is loaded
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code).eval()
     unwrap_polyglu_model(model)

@@ -41,6 +41,17 @@ def reject_missing_local_checkpoint(name_or_path: str, flag: str = "", hub_allow
                          f"checkpoint (config.json and weights){alternative}.")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def reject_directory_without_tokenizer(directory, needed_by: str, flag: str = "") -> None:
+    """A checkpoint directory used with text must carry its tokenizer (AutoTokenizer's own error is about
+    sentencepiece)."""
+    if not any((Path(directory) / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{flag + ' ' if flag else ''}{directory}: no tokenizer in it ({' or '.join(TOKENIZER_FILES)}), "
+                         f"which {needed_by} needs; save the model's tokenizer there (tokenizer.save_pretrained(DIR)).")
+
+
 def missing_local_dataset_message(name: str, flag: str = "--dataset_name") -> str:
     return f"{flag} {name}: no such file or directory; pass an existing JSONL file or directory, or a Hub dataset name."
 
