@@ -13,7 +13,8 @@ from .configuration_polyglu import FFN_TYPES
 TRAINING_EXTRA_MODULES = frozenset({"trl", "peft", "accelerate", "datasets", "matplotlib", "tensorboard"})
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type of counts that must be at least 1."""
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return int(text)
@@ -27,8 +28,8 @@ def _add_demo_parser(subparsers):
     )
     parser.add_argument("--ffn-type", default="polyglu", choices=FFN_TYPES, help="variant to retrofit to (default polyglu)")
     parser.add_argument("--output-dir", default="outputs/demo", help="where everything is written (default outputs/demo)")
-    parser.add_argument("--pretrain-steps", type=_positive_int, default=400, help="steps of base-model pretraining (default 400)")
-    parser.add_argument("--sft-steps", type=_positive_int, default=150, help="SFT steps (default 150)")
+    parser.add_argument("--pretrain-steps", type=positive_int, default=400, help="steps of base-model pretraining (default 400)")
+    parser.add_argument("--sft-steps", type=positive_int, default=150, help="SFT steps (default 150)")
     parser.add_argument("--base-model", help="a Qwen3 checkpoint to start from instead of pretraining the tiny one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
@@ -127,7 +128,7 @@ def _add_inspect_parser(subparsers):
     source.add_argument("--text", help="text file, one probe example per line")
     source.add_argument("--dataset", help="JSONL file/dir (messages, prompt/completion or text) or a Hub dataset name")
     parser.add_argument("--output-dir", help="where to write the report (default: MODEL_DIR/routing_inspect)")
-    parser.add_argument("--limit", type=_positive_int, default=64, help="number of probe examples (default 64)")
+    parser.add_argument("--limit", type=positive_int, default=64, help="number of probe examples (default 64)")
     parser.add_argument("--trust-remote-code", action="store_true", help="load with the checkpoint's own code")
     parser.set_defaults(handler=_run_inspect)
 

@@ -84,6 +84,22 @@ def test_the_demo_refuses_bad_arguments_before_any_stage(arguments, message, tmp
     assert not (tmp_path / "demo").exists()
 
 
+@pytest.mark.parametrize("option, value, expected", [
+    ("--generate-lengths", "64,0", "comma-separated whole numbers >= 1"),
+    ("--convert-shard-mb", "x", "comma-separated whole numbers >= 1"),
+    ("--decode-tokens", "0", "a whole number >= 1"),
+    ("--convert-total-gb", "-1", "a number > 0"),
+])
+def test_bench_sizes_below_one_are_refused_by_the_parser(option, value, expected, capsys):
+    """--generate-lengths 0 reached generate() and ended in a ValueError traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--quick", option, value])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"polyglu bench: error: argument {option}: expected {expected}, got {value!r}"
+    )
+
+
 def test_unknown_ffn_type_is_rejected_with_the_choices(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--ffn-type", "nope"])

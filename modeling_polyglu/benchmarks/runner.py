@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import positive_int
 from ..configuration_polyglu import FFN_TYPES
 from . import convert, decode, ffn, generate, hard, kernel, step
 from .harness import benchmark_environment, environment_info, load_average, write_json
@@ -67,7 +68,20 @@ def render(results: dict) -> str:
 
 
 def _csv_ints(text: str) -> tuple:
-    return tuple(int(value) for value in text.split(",") if value.strip())
+    values = [value.strip() for value in text.split(",") if value.strip()]
+    if not values or not all(value.isdigit() and int(value) >= 1 for value in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers >= 1, got {text!r}")
+    return tuple(int(value) for value in values)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
 
 
 def _csv_ffn_types(text: str) -> tuple:
@@ -105,10 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "--device cuda, and bf16 CUDA (GPU sizes, Liger and Triton rows) unless --device cpu")
     parser.add_argument("--ffn-types", type=_csv_ffn_types, default=FFN_TYPES,
                         help="comma-separated ffn_types to compare (default: all; swiglu is always included)")
-    parser.add_argument("--decode-tokens", type=int, help=f"new tokens of the decode suite (default {decode.DECODE_TOKENS})")
+    parser.add_argument("--decode-tokens", type=positive_int, help=f"new tokens of the decode suite (default {decode.DECODE_TOKENS})")
     parser.add_argument("--generate-lengths", type=_csv_ints,
                         help="new-token counts of the generate suite (default 64,128,256)")
-    parser.add_argument("--convert-total-gb", type=float,
+    parser.add_argument("--convert-total-gb", type=_positive_float,
                         help=f"synthetic checkpoint size of the convert suite (default {convert.CONVERT_TOTAL_GB:g})")
     parser.add_argument("--convert-shard-mb", type=_csv_ints,
                         help="shard sizes of the convert suite (default 256,1024)")
