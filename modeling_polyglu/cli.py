@@ -6,6 +6,7 @@ import importlib.util
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from .configuration_polyglu import FFN_TYPES
 
@@ -209,6 +210,26 @@ def main(argv=None) -> int:
         return 2
 
 
+def check_recipe_files(argv: list) -> None:
+    """Every `--config FILE.yaml` exists and parses; TRL's and transformers' parsers read it with a traceback."""
+    import yaml
+
+    from .training.pretrain import RECIPE_SUFFIXES
+
+    values = [argv[index + 1] for index, item in enumerate(argv[:-1]) if item == "--config"]
+    values += [item.split("=", 1)[1] for item in argv if item.startswith("--config=")]
+    for value in (value for value in values if Path(value).suffix in RECIPE_SUFFIXES):
+        if not Path(value).is_file():
+            raise ValueError(f"--config {value}: no such file; pass a YAML recipe (see recipes/*.yaml).")
+        try:
+            yaml.safe_load(Path(value).read_text())
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ValueError(f"--config {value}: not valid YAML{where} ({problem}); fix the file.") from None
+
+
 def _dispatch(argv: list) -> int:
     from .conversion.staging import DestinationExistsError
 
@@ -221,6 +242,7 @@ def _dispatch(argv: list) -> int:
 
         _unwind_on_sigterm()
         try:
+            check_recipe_files(argv[1:])
             return sft_main(argv[1:])
         except ValueError as error:
             print(f"polyglu sft: error: {error}", file=sys.stderr)
@@ -233,6 +255,7 @@ def _dispatch(argv: list) -> int:
         from .training.pretrain import main as pretrain_main
 
         try:
+            check_recipe_files(argv[1:])
             return (pretrain_main if argv[0] == "pretrain" else compare_main)(argv[1:])
         except ValueError as error:
             print(f"polyglu {argv[0]}: error: {error}", file=sys.stderr)

@@ -6,11 +6,9 @@
 
 import sys
 
-from modeling_polyglu.training.compare import main as compare_main
-from modeling_polyglu.training.pretrain import main as pretrain_main
+from modeling_polyglu.cli import main
 
 if __name__ == "__main__":
     arguments = sys.argv[1:]
-    if arguments[:1] == ["compare"]:
-        sys.exit(compare_main(arguments[1:]))
-    sys.exit(pretrain_main(arguments))
+    command = ["compare", *arguments[1:]] if arguments[:1] == ["compare"] else ["pretrain", *arguments]
+    sys.exit(main(command))  # through the CLI: a user's mistake is one line on every rank

@@ -100,6 +100,23 @@ def test_bench_sizes_below_one_are_refused_by_the_parser(option, value, expected
     )
 
 
+@pytest.mark.parametrize("command", ["sft", "pretrain", "compare"])
+def test_a_missing_or_broken_yaml_recipe_is_one_line(command, tmp_path, capsys):
+    """TRL's and transformers' parsers read --config with a FileNotFoundError or a yaml ScannerError traceback."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("learning_rate: [1e-4\n")
+    for argument, message in (
+        (f"--config={tmp_path / 'missing.yaml'}", f"--config {tmp_path / 'missing.yaml'}: no such file; pass a YAML "
+                                                  "recipe (see recipes/*.yaml)."),
+        (str(broken), f"--config {broken}: not valid YAML at line 2, column 1 (expected ',' or ']', but got "
+                      "'<stream end>'); fix the file."),
+    ):
+        arguments = [argument] if argument.startswith("--config=") else ["--config", argument]
+        assert main([command, *arguments, "--output_dir", str(tmp_path / "out")]) == 2
+        assert capsys.readouterr().err.strip() == f"polyglu {command}: error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_ffn_type_is_rejected_with_the_choices(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--ffn-type", "nope"])
