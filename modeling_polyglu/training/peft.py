@@ -11,6 +11,7 @@ LoRA under transformers' tensor parallelism fails for Qwen3 itself.
 """
 
 import math
+import re
 import zlib
 from typing import Optional, Sequence
 
@@ -23,6 +24,23 @@ ROUTER_MODULE = "router"
 
 def has_routers(model) -> bool:
     return any(name.endswith(f".{ROUTER_MODULE}") for name, _ in model.named_modules())
+
+
+ALL_LINEAR = "all-linear"  # PEFT's and TRL's name for every linear layer
+
+
+def _matching_modules(name: str, module_names: Sequence[str]) -> list:
+    """The modules PEFT matches to `name` in a list: the name itself or a dotted suffix."""
+    return [module for module in module_names if module == name or module.endswith(f".{name}")]
+
+
+def _reject_unmatched(flag: str, names: Sequence[str], module_names: Sequence[str]) -> None:
+    """A name that matches no module was dropped (targets) or trained nothing (modules_to_save), silently."""
+    unmatched = [name for name in names if not _matching_modules(name, module_names)]
+    if unmatched:
+        kinds = sorted({module.rsplit(".", 1)[-1] for module in module_names if not module.rsplit(".", 1)[-1].isdigit()})
+        raise ValueError(f"{flag} {', '.join(unmatched)}: no module of this model is named so; its module names end "
+                         f"in {', '.join(kinds)}.")
 
 
 def lora_config_for(
@@ -38,10 +56,22 @@ def lora_config_for(
     """A `peft.LoraConfig` (task CAUSAL_LM) for `model`: LoRA on all projections, routers in modules_to_save."""
     from peft import LoraConfig
 
-    targets = list(target_modules) if target_modules else list(ATTENTION_PROJECTIONS + FFN_PROJECTIONS)
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    targets = [name for name in targets if name in present]  # plain FFNs have no gate_proj
+    module_names = [name for name, _ in model.named_modules() if name]
+    if isinstance(target_modules, str):  # TRL turns a single --lora_target_modules value into a str
+        is_regex = not _matching_modules(target_modules, module_names) and any(
+            re.fullmatch(target_modules, name) for name in module_names)
+        targets = target_modules if is_regex else [target_modules]  # PEFT matches a str as a regex on full names
+    else:
+        targets = list(target_modules or [])
+    if isinstance(targets, list):
+        targets = [name for name in targets if name != ALL_LINEAR]
+        if targets:
+            _reject_unmatched("--lora_target_modules", targets, module_names)
+        else:  # the default, or "all-linear": every projection the model has (plain FFNs have no gate_proj)
+            present = {name.rsplit(".", 1)[-1] for name in module_names}
+            targets = [name for name in ATTENTION_PROJECTIONS + FFN_PROJECTIONS if name in present]
     saved = list(modules_to_save or [])
+    _reject_unmatched("--lora_modules_to_save", saved, module_names)
     if has_routers(model) and ROUTER_MODULE not in saved:
         saved.append(ROUTER_MODULE)
     return LoraConfig(

@@ -185,6 +185,26 @@ def trained(request, tmp_path_factory):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def test_target_and_saved_module_names_are_taken_as_trl_hands_them_over():
+    """TRL's ModelConfig turns a single --lora_target_modules value into a str, which PEFT reads as a regex over full
+    names (and we read letter by letter, dropping every letter): a lone name targeted nothing."""
+    model = build("polyglu")
+    assert lora_config_for(model, target_modules="q_proj").target_modules == {"q_proj"}
+    assert set(lora_config_for(model, target_modules="all-linear").target_modules) == expected_targets("polyglu")
+    regex = r".*\.(q|v)_proj"
+    assert lora_config_for(model, target_modules=regex).target_modules == regex
+    peft_model = get_peft_model(build("polyglu"), lora_config_for(build("polyglu"), target_modules=regex))
+    adapted = sorted({name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)})
+    assert adapted == ["q_proj", "v_proj"]
+    for argument, flag in (({"target_modules": "nope"}, "--lora_target_modules nope"),
+                           ({"target_modules": ["q_proj", "nope"]}, "--lora_target_modules nope"),
+                           ({"modules_to_save": ["lm_head", "nope"]}, "--lora_modules_to_save nope")):
+        with pytest.raises(ValueError, match=rf"^{flag}: no module of this model is named so; its module names end in "
+                                             r".*\bq_proj\b.*\brouter\b"):
+            lora_config_for(model, **argument)
+    assert list(lora_config_for(model, modules_to_save=["lm_head"]).modules_to_save) == ["lm_head", "router"]
+
+
 @pytest.mark.parametrize("ffn_type", FFN_TYPES_UNDER_TEST)
 def test_get_peft_model_targets_every_projection_and_trains_routers(ffn_type):
     model = build(ffn_type)
