@@ -70,6 +70,16 @@ class RoutingArguments:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}.")
+        for name, smallest in (("routing_monitor_steps", 0), ("routing_probe_size", 0), ("routing_probe_tokens", 0),
+                               ("routing_probe_batch_size", 1), ("routing_max_neurons", 1)):
+            if getattr(self, name) < smallest:
+                raise ValueError(f"--{name} must be >= {smallest}, got {getattr(self, name)}.")
+        if not 0 < self.routing_collapse_threshold <= 1:
+            raise ValueError("--routing_collapse_threshold is a share of routing decisions, in (0, 1]; got "
+                             f"{self.routing_collapse_threshold}.")
+        if not 0 <= self.routing_flip_rate_threshold <= 1:  # 0: any change alerts
+            raise ValueError("--routing_flip_rate_threshold is a share of routing decisions, in [0, 1]; got "
+                             f"{self.routing_flip_rate_threshold}.")
 
 
 def tau_at(progress: float, start: float, end: float, schedule: str) -> float:

@@ -182,11 +182,12 @@ def test_fixed_tau_keeps_the_checkpoint_value(workspace, tmp_path):
 
 def test_alerts_fire_and_can_stop_training(workspace, tmp_path):
     with pytest.warns(UserWarning, match="Routing alert"), pytest.raises(TrainingStoppedOnAlert, match=r"at step 2 \(flip_rate"):
-        sft(workspace, tmp_path / "out", "--max_steps", "8", "--routing_flip_rate_threshold", "-1",
+        sft(workspace, tmp_path / "out", "--max_steps", "8", "--routing_flip_rate_threshold", "0",
             "--routing_stop_on_alert", "true")
     assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 2
     report = json.loads((tmp_path / "out" / "routing_report.json").read_text())
     assert report["alerts"] and report["alerts"][0]["kind"] == "flip_rate"
+    assert report["final"]["routing/flip_rate"] > 0.01  # a real change set it off, not a rounding
     assert (tmp_path / "out" / "model.safetensors").is_file()  # finite weights: the stopped model is kept
 
 
@@ -221,6 +222,22 @@ def test_sft_rejects_a_model_that_is_not_polyglu(workspace, tmp_path, capsys):
                  "--output_dir", str(tmp_path / "out"), "--max_steps", "1"])
     assert code == 2
     assert "not a PolyGLU-family model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("routing_monitor_steps", -5, "--routing_monitor_steps must be >= 0, got -5."),
+    ("routing_probe_tokens", -3, "--routing_probe_tokens must be >= 0, got -3."),
+    ("routing_probe_batch_size", 0, "--routing_probe_batch_size must be >= 1, got 0."),
+    ("routing_max_neurons", 0, "--routing_max_neurons must be >= 1, got 0."),
+    ("routing_collapse_threshold", 2.0, "--routing_collapse_threshold is a share of routing decisions, in (0, 1]; got 2.0."),
+    ("routing_collapse_threshold", 0.0, "--routing_collapse_threshold is a share of routing decisions, in (0, 1]; got 0.0."),
+    ("routing_flip_rate_threshold", -1.0, "--routing_flip_rate_threshold is a share of routing decisions, in [0, 1]; got -1.0."),
+])
+def test_routing_arguments_out_of_range_are_refused(field, value, message):
+    """Each ran before: a negative monitor interval turned monitoring off, batch size 0 died in range(), a share
+    threshold of 2 never alerted."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RoutingArguments(**{field: value})
 
 
 def test_inspect_reports_any_checkpoint(workspace, tmp_path, capsys):
