@@ -34,6 +34,15 @@ def _matching_modules(name: str, module_names: Sequence[str]) -> list:
     return [module for module in module_names if module == name or module.endswith(f".{name}")]
 
 
+def _matches_as_regex(pattern: str, module_names: Sequence[str]) -> bool:
+    """Whether PEFT, which reads a str target as a regex on full module names, would match any; a bad regex matches none."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error:
+        return False
+    return any(compiled.fullmatch(name) for name in module_names)
+
+
 def _reject_unmatched(flag: str, names: Sequence[str], module_names: Sequence[str]) -> None:
     """A name that matches no module was dropped (targets) or trained nothing (modules_to_save), silently."""
     unmatched = [name for name in names if not _matching_modules(name, module_names)]
@@ -58,8 +67,7 @@ def lora_config_for(
 
     module_names = [name for name, _ in model.named_modules() if name]
     if isinstance(target_modules, str):  # TRL turns a single --lora_target_modules value into a str
-        is_regex = not _matching_modules(target_modules, module_names) and any(
-            re.fullmatch(target_modules, name) for name in module_names)
+        is_regex = not _matching_modules(target_modules, module_names) and _matches_as_regex(target_modules, module_names)
         targets = target_modules if is_regex else [target_modules]  # PEFT matches a str as a regex on full names
     else:
         targets = list(target_modules or [])
@@ -109,8 +117,6 @@ def prepare_tensor_parallel_lora(model, modules_to_save: Sequence[str]) -> None:
 
 def _plan_style(model, module_name: str):
     """transformers' TP style for `module_name` (layer numbers as in the checkpoint) under model.tp_plan, or None."""
-    import re
-
     from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
 
     plan = getattr(model, "tp_plan", None) or {}

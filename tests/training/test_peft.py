@@ -197,6 +197,7 @@ def test_target_and_saved_module_names_are_taken_as_trl_hands_them_over():
     adapted = sorted({name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)})
     assert adapted == ["q_proj", "v_proj"]
     for argument, flag in (({"target_modules": "nope"}, "--lora_target_modules nope"),
+                           ({"target_modules": "q_proj["}, r"--lora_target_modules q_proj\["),  # not a regex either
                            ({"target_modules": ["q_proj", "nope"]}, "--lora_target_modules nope"),
                            ({"modules_to_save": ["lm_head", "nope"]}, "--lora_modules_to_save nope")):
         with pytest.raises(ValueError, match=rf"^{flag}: no module of this model is named so; its module names end in "
